@@ -1,0 +1,53 @@
+//! `hull`: run OCI containers, each in its own KVM microVM.
+//!
+//! The CLI turns user intent into a VM configuration and hands it to the VMM;
+//! it knows nothing of KVM itself.
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit status when hull itself fails (docker's convention for daemon errors).
+const EXIT_HULL_ERROR: u8 = 125;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging(cli.debug);
+    match commands::dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hull: {}", error_chain(e.as_ref()));
+            ExitCode::from(EXIT_HULL_ERROR)
+        }
+    }
+}
+
+/// One line: the error and each of its causes, joined by ": ".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their source's text in their own message.
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,127 @@
+//! How a VM ends, and how the thread that notices tells the others.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset its CPUs through the i8042 (`reboot` with `reboot=k`).
+    Reset,
+    /// The guest kernel powered off or halted.
+    PowerOff,
+    /// The guest kernel panicked; the console line it printed.
+    Panic(String),
+    /// A vCPU hit a triple fault (or the guest asked for a shutdown that KVM
+    /// reports the same way).
+    TripleFault,
+    /// KVM or the VMM failed.
+    Error(String),
+}
+
+impl VmExit {
+    /// True for the endings a guest chooses on purpose.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Reset | Self::PowerOff)
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reset => write!(f, "the guest rebooted"),
+            Self::PowerOff => write!(f, "the guest powered off"),
+            Self::Panic(line) => write!(f, "the guest kernel panicked: {line}"),
+            Self::TripleFault => write!(
+                f,
+                "a guest vCPU triple-faulted (the kernel crashed before it could report why; \
+                 add 'earlyprintk=serial' to the command line to see more)"
+            ),
+            Self::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Shared between the vCPU threads, the devices and the event loop: the first
+/// reason recorded wins, and everyone can see that the VM is stopping.
+#[derive(Debug, Clone)]
+pub struct ExitSignal {
+    reason: Arc<Mutex<Option<VmExit>>>,
+    stopping: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+impl ExitSignal {
+    /// A fresh signal.
+    ///
+    /// # Errors
+    /// Creating the eventfd failed.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Arc::default(),
+            stopping: Arc::default(),
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Records `reason` unless one is already recorded, and wakes the event loop.
+    pub fn exit(&self, reason: VmExit) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            tracing::debug!("vm exit: {reason:?}");
+            *slot = Some(reason);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        // If the wake-up write fails the loop still sees `stopping` at its next wake.
+        let _ = self.wake.write(1);
+    }
+
+    /// The recorded reason.
+    #[must_use]
+    pub fn reason(&self) -> Option<VmExit> {
+        self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// True once any reason was recorded.
+    #[must_use]
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Readable once an exit was recorded.
+    #[must_use]
+    pub fn wake(&self) -> &EventFd {
+        &self.wake
+    }
+}
+
+/// The i8042's reset line: records a clean reset, in the vCPU thread that
+/// wrote the command, before the guest can go on to anything else (Linux
+/// falls back to a triple fault if the reset seems not to happen).
+impl devices::Trigger for ExitSignal {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.exit(VmExit::Reset);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let s = ExitSignal::new().unwrap();
+        assert!(!s.stopping());
+        s.exit(VmExit::Reset);
+        s.exit(VmExit::TripleFault);
+        assert_eq!(s.reason(), Some(VmExit::Reset));
+        assert!(s.stopping());
+        assert!(s.wake().read().unwrap() >= 1);
+    }
+}

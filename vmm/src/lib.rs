@@ -1,0 +1,20 @@
+//! hull's virtual machine monitor: one KVM microVM that boots a Linux kernel
+//! directly (no firmware) and runs until the guest reboots, powers off,
+//! panics or faults.
+//!
+//! The VMM knows nothing of containers or of the CLI: it takes a [`VmConfig`]
+//! and returns a [`VmExit`].
+
+pub mod boot;
+pub mod cpuid;
+pub mod exit;
+pub mod kvm;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+mod vm;
+
+pub use boot::BootSource;
+pub use exit::VmExit;
+pub use kvm::GuestNeeds;
+pub use vm::{run, VmConfig, VmmError};

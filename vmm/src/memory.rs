@@ -1,0 +1,113 @@
+//! Guest RAM: allocation around the 32-bit MMIO hole and registration with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// Errors setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host could not map the memory.
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Allocate {
+        /// Requested size.
+        mib: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM refused guest memory slot {slot}")]
+    Register {
+        /// The slot.
+        slot: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The size is zero or would overflow.
+    #[error("invalid guest memory size: {mib} MiB")]
+    Size {
+        /// Requested size.
+        mib: u64,
+    },
+}
+
+/// The RAM ranges for `size` bytes: one below the MMIO hole, and the rest
+/// above 4 GiB.
+#[must_use]
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Allocates `mib` MiB of anonymous guest memory.
+///
+/// # Errors
+/// The size is invalid or the host is out of memory.
+pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = mib.checked_mul(1 << 20).filter(|s| *s > 0).ok_or(MemoryError::Size { mib })?;
+    let ranges = ram_ranges(size)
+        .into_iter()
+        .map(|(a, len)| usize::try_from(len).map(|len| (a, len)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| MemoryError::Size { mib })?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
+}
+
+/// Hands every region of `mem` to KVM as a memory slot.
+///
+/// # Errors
+/// KVM refused a slot.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Size { mib: region.len() >> 20 })?;
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is mapped for as long as `mem` lives, and the VM
+        // (and its vCPUs) never outlive the `GuestMemoryMmap` they were given:
+        // the VMM keeps both in the same `Vm` and drops the VM first.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_memory_skips_the_mmio_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn zero_size_is_refused() {
+        assert!(matches!(create(0), Err(MemoryError::Size { mib: 0 })));
+    }
+}

@@ -1,0 +1,303 @@
+//! Assembling a VM (KVM VM, memory, boot images, devices, vCPUs) and running
+//! it: one thread per vCPU, and the calling thread runs the device event loop.
+
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::legacy::{
+    ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ,
+    COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT,
+};
+use devices::{Bus, EventFdTrigger};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, mptable, BootError, BootSource};
+use crate::exit::{ExitSignal, VmExit};
+use crate::kvm::{self, GuestNeeds, KvmError};
+use crate::layout::KVM_TSS_ADDRESS;
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, VcpuError};
+
+/// How long a panicking guest may keep printing (its backtrace) before the
+/// VMM stops it.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// How long the VMM waits for vCPU threads to leave KVM_RUN at the end.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything the VMM needs to run one VM.
+pub struct VmConfig {
+    /// Kernel, initramfs and command line.
+    pub boot: BootSource,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// The KVM device.
+    pub kvm_path: PathBuf,
+    /// What the guest needs from KVM (a Linux kernel, normally).
+    pub guest_needs: GuestNeeds,
+    /// Where the guest's serial console goes.
+    pub console_out: Box<dyn Write + Send>,
+    /// What is fed to the guest's serial console, if anything (a readable fd
+    /// that stays open while the VM runs).
+    pub console_in: Option<RawFd>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("boot", &self.boot)
+            .field("memory_mib", &self.memory_mib)
+            .field("cpus", &self.cpus)
+            .field("kvm_path", &self.kvm_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors that keep a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` is unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A KVM VM-level ioctl failed.
+    #[error("cannot set up the VM: {what}")]
+    Vm {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Host resources (eventfds, epoll, threads).
+    #[error("cannot set up {what}")]
+    Host {
+        /// Which resource.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Host { what, source }
+}
+
+fn vm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Vm { what, source }
+}
+
+/// Wakes the event loop when the VM must stop or the console reported
+/// something; the loop then looks at the shared state itself.
+struct Lifecycle {
+    fds: Vec<RawFd>,
+    drain: Vec<Arc<EventFd>>,
+}
+
+impl MutEventSubscriber for Lifecycle {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        for evt in &self.drain {
+            let _ = evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in &self.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                tracing::error!("event loop: cannot watch fd {fd}: {e}");
+            }
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Boots the VM `config` describes and runs it to its end.
+///
+/// # Errors
+/// The VM could not be set up. Once the guest runs, every ending (clean or
+/// not) is an `Ok(VmExit)`.
+pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
+    let started = Instant::now();
+    if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
+        return Err(mptable::MpTableError::CpuCount(config.cpus).into());
+    }
+    let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
+    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+    // The PIT's speaker port is a dummy: nothing to emulate for a microVM.
+    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+        .map_err(vm_err("KVM_CREATE_PIT2"))?;
+
+    let mem = memory::create(config.memory_mib)?;
+    memory::register(&vm, &mem)?;
+    let entry = boot::load(&mem, &config.boot)?;
+    mptable::write(&mem, config.cpus)?;
+    let cr3 = vcpu::write_boot_tables(&mem)?;
+    tracing::debug!(
+        "vm: kernel {:?} loaded ({:?} entry at {:#x}) in {:?}",
+        config.boot.kernel,
+        entry.format,
+        entry.entry.0,
+        started.elapsed()
+    );
+
+    let exit = ExitSignal::new().map_err(host_err("the exit event"))?;
+    let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(vm_err("KVM_IRQFD (serial)"))?;
+    let (serial, input_drained) = SerialConsole::new(
+        EventFdTrigger::new(serial_irq),
+        ConsoleOutput::new(config.console_out, watch.clone()),
+    )
+    .map_err(host_err("the serial console"))?;
+    let serial = Arc::new(Mutex::new(serial));
+
+    let mut pio = Bus::new();
+    let bus_err = |e: devices::BusError| VmmError::Host {
+        what: "the port I/O bus",
+        source: std::io::Error::other(e.to_string()),
+    };
+    pio.insert(serial.clone(), COM1_PORT, COM1_LEN).map_err(bus_err)?;
+    pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, I8042_LEN)
+        .map_err(bus_err)?;
+    let mmio = Bus::new();
+
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(|e| VmmError::Host {
+            what: "the event loop",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    events.add_subscriber(Box::new(Lifecycle {
+        fds: vec![
+            std::os::fd::AsRawFd::as_raw_fd(exit.wake()),
+            std::os::fd::AsRawFd::as_raw_fd(watch.wake()),
+        ],
+        drain: vec![exit_wake(&exit), watch_wake(&watch)],
+    }));
+    if let Some(fd) = config.console_in {
+        events.add_subscriber(Box::new(SerialInput::new(serial, fd, input_drained)));
+    }
+
+    // vCPU threads are kicked out of KVM_RUN with a signal whose handler does
+    // nothing: the interrupted ioctl returns EINTR and the loop sees `stopping`.
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Host {
+        what: "the vCPU kick signal",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(usize::from(config.cpus));
+    for index in 0..config.cpus {
+        let vcpu = vm.create_vcpu(u64::from(index)).map_err(vm_err("KVM_CREATE_VCPU"))?;
+        vcpu::configure(&kvm, &vcpu, index, config.cpus, entry.entry, cr3)?;
+        let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu::run_loop(index, vcpu, &pio, &mmio, &exit))
+            .map_err(host_err("a vCPU thread"))?;
+        threads.push(thread);
+    }
+    tracing::debug!("vm: {} vCPUs running after {:?}", config.cpus, started.elapsed());
+
+    let outcome = event_loop(&mut events, &exit, &watch);
+    stop_vcpus(threads);
+    tracing::debug!("vm: stopped after {:?}: {outcome:?}", started.elapsed());
+    // The memory mapping must outlive every vCPU: the threads are joined (or
+    // abandoned in a stopped state) above, and `vm` drops before `mem`.
+    drop(vm);
+    drop(mem);
+    Ok(outcome)
+}
+
+fn exit_wake(exit: &ExitSignal) -> Arc<EventFd> {
+    Arc::new(exit.wake().try_clone().unwrap_or_else(|_| dummy_event()))
+}
+
+fn watch_wake(watch: &ConsoleWatch) -> Arc<EventFd> {
+    Arc::new(watch.wake().try_clone().unwrap_or_else(|_| dummy_event()))
+}
+
+fn dummy_event() -> EventFd {
+    // Only reached if dup() fails; draining then simply does nothing useful
+    // and the loop still checks the shared state after every wake.
+    EventFd::new(EFD_NONBLOCK).unwrap_or_else(|_| std::process::abort())
+}
+
+/// Runs device I/O until the VM stops; returns how it ended.
+fn event_loop(
+    events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    exit: &ExitSignal,
+    watch: &ConsoleWatch,
+) -> VmExit {
+    let mut panic_deadline: Option<Instant> = None;
+    loop {
+        let timeout_ms = panic_deadline.map_or(-1, |d| {
+            i32::try_from(d.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i32::MAX)
+        });
+        if let Err(e) = events.run_with_timeout(timeout_ms) {
+            exit.exit(VmExit::Error(format!("event loop failed: {e}")));
+        }
+        match watch.event() {
+            Some(GuestConsoleEvent::PowerOff) => exit.exit(VmExit::PowerOff),
+            Some(GuestConsoleEvent::Panic(line)) => match panic_deadline {
+                None => panic_deadline = Some(Instant::now() + PANIC_GRACE),
+                Some(d) if Instant::now() >= d => exit.exit(VmExit::Panic(line)),
+                Some(_) => {}
+            },
+            None => {}
+        }
+        if exit.stopping() {
+            break;
+        }
+    }
+    // A panicking kernel reboots (panic=N) or faults on its way down: the
+    // panic is what the user needs to hear about.
+    if let Some(GuestConsoleEvent::Panic(line)) = watch.event() {
+        return VmExit::Panic(line);
+    }
+    exit.reason().unwrap_or_else(|| VmExit::Error("the VM stopped for no recorded reason".into()))
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until it returns. A kick that lands
+/// just before a thread re-enters KVM_RUN is lost, hence the repeats.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    let mut pending = threads;
+    while !pending.is_empty() && Instant::now() < deadline {
+        let (done, running): (Vec<_>, Vec<_>) = pending.into_iter().partition(JoinHandle::is_finished);
+        for t in done {
+            let _ = t.join();
+        }
+        for t in &running {
+            let _ = t.kill(SIGRTMIN());
+        }
+        pending = running;
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    if !pending.is_empty() {
+        tracing::warn!("{} vCPU thread(s) did not stop in time", pending.len());
+    }
+}
