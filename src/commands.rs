@@ -23,7 +23,11 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
     let stdin = std::io::stdin();
     let console_in = (stdin.is_terminal() || is_fifo(&stdin)).then(|| stdin.as_raw_fd());
     let config = vmm::VmConfig {
-        boot: vmm::BootSource { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
+        boot: vmm::BootSource {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+        },
         memory_mib: args.memory,
         cpus: args.cpus,
         kvm_path: args.kvm,

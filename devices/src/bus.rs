@@ -98,7 +98,9 @@ impl Bus {
         };
         // A device that panicked while holding its lock is poisoned; its state
         // is still the best there is, so keep serving it.
-        let mut dev = device.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut dev = device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         dev.read(offset, data);
         true
     }
@@ -108,7 +110,9 @@ impl Bus {
         let Some((offset, device)) = self.find(addr) else {
             return false;
         };
-        let mut dev = device.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut dev = device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         dev.write(offset, data);
         true
     }
@@ -139,20 +143,30 @@ mod tests {
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3fc, 2),
-            Err(BusError::Overlap { base: 0x3fc, len: 2 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 2
+            })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3f0, 9),
-            Err(BusError::Overlap { base: 0x3f0, len: 9 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
         );
-        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3f0, 8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3f0, 8)
+            .unwrap();
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Recorder::default())), 5, 0),
             Err(BusError::InvalidRange { base: 5, len: 0 })
         );
         assert_eq!(
             bus.insert(Arc::new(Mutex::new(Recorder::default())), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
 
         let mut data = [0u8; 1];

@@ -90,7 +90,11 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -114,7 +118,10 @@ mod tests {
         patch_entry(&mut l0, 2, 3);
         patch_entry(&mut l1, 2, 3);
         assert_eq!((l0.ebx, l0.edx, l0.ecx >> 8), (1, 2, LEVEL_TYPE_THREAD));
-        assert_eq!((l1.eax, l1.ebx, l1.edx, l1.ecx >> 8), (2, 3, 2, LEVEL_TYPE_CORE));
+        assert_eq!(
+            (l1.eax, l1.ebx, l1.edx, l1.ecx >> 8),
+            (2, 3, 2, LEVEL_TYPE_CORE)
+        );
     }
 
     #[test]

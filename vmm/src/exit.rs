@@ -82,7 +82,10 @@ impl ExitSignal {
     /// The recorded reason.
     #[must_use]
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// True once any reason was recorded.

@@ -91,17 +91,26 @@ pub fn open(path: &Path, needs: GuestNeeds) -> Result<Kvm, KvmError> {
     if needs == GuestNeeds::LinuxKernel && is_pvm(Path::new("/sys/module")) {
         return Err(KvmError::Pvm(path.to_path_buf()));
     }
-    let open_err = |source| KvmError::Open { path: path.to_path_buf(), source };
+    let open_err = |source| KvmError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| open_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     let kvm = Kvm::new_with_path(c_path).map_err(|e| open_err(e.into()))?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(KvmError::ApiVersion { path: path.to_path_buf(), version });
+        return Err(KvmError::ApiVersion {
+            path: path.to_path_buf(),
+            version,
+        });
     }
     for (cap, name) in REQUIRED_CAPS {
         if !kvm.check_extension(*cap) {
-            return Err(KvmError::MissingCap { path: path.to_path_buf(), cap: name });
+            return Err(KvmError::MissingCap {
+                path: path.to_path_buf(),
+                cap: name,
+            });
         }
     }
     Ok(kvm)

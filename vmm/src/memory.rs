@@ -54,7 +54,10 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// # Errors
 /// The size is invalid or the host is out of memory.
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let size = mib.checked_mul(1 << 20).filter(|s| *s > 0).ok_or(MemoryError::Size { mib })?;
+    let size = mib
+        .checked_mul(1 << 20)
+        .filter(|s| *s > 0)
+        .ok_or(MemoryError::Size { mib })?;
     let ranges = ram_ranges(size)
         .into_iter()
         .map(|(a, len)| usize::try_from(len).map(|len| (a, len)))
@@ -71,7 +74,9 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(mem.iter()) {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| MemoryError::Size { mib: region.len() >> 20 })?;
+            .map_err(|_| MemoryError::Size {
+                mib: region.len() >> 20,
+            })?;
         let region_desc = kvm_userspace_memory_region {
             slot,
             flags: 0,

@@ -58,7 +58,11 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn kvm_err(index: u8, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
-    move |source| VcpuError::Kvm { index, what, source }
+    move |source| VcpuError::Kvm {
+        index,
+        what,
+        source,
+    }
 }
 
 /// Writes the boot GDT and an empty IDT; shared by all vCPUs.
@@ -70,13 +74,18 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<u64, VcpuError> {
         mem.write_obj(entry, GuestAddress(BOOT_GDT_START + i * 8))
             .map_err(|_| VcpuError::GuestMemory("GDT"))?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(|_| VcpuError::GuestMemory("IDT"))?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(|_| VcpuError::GuestMemory("IDT"))?;
     paging::write_identity_tables(mem).map_err(|_| VcpuError::GuestMemory("page tables"))
 }
 
 /// The boot MSRs Linux expects to find in a known state.
 fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let msr = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         msr(MSR_IA32_SYSENTER_CS, 0),
         msr(MSR_IA32_SYSENTER_ESP, 0),
@@ -103,7 +112,8 @@ fn set_lapic_lvt(vcpu: &VcpuFd, index: u8) -> Result<(), VcpuError> {
     };
     update(APIC_LVT0, APIC_MODE_EXTINT);
     update(APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(kvm_err(index, "KVM_SET_LAPIC"))
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(index, "KVM_SET_LAPIC"))
 }
 
 /// Configures vCPU `index` of `count`: CPUID, MSRs, FPU, local APIC, and the
@@ -124,17 +134,27 @@ pub fn configure(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err(index, "KVM_GET_SUPPORTED_CPUID"))?;
     cpuid::patch(&mut cpuid, index, count);
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
 
-    let msrs = Msrs::from_entries(&boot_msrs())
-        .map_err(|_| VcpuError::Kvm { index, what: "MSR list", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
-    let written = vcpu.set_msrs(&msrs).map_err(kvm_err(index, "KVM_SET_MSRS"))?;
+    let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| VcpuError::Kvm {
+        index,
+        what: "MSR list",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    let written = vcpu
+        .set_msrs(&msrs)
+        .map_err(kvm_err(index, "KVM_SET_MSRS"))?;
     if written != msrs.as_slice().len() {
         let failed = msrs.as_slice().get(written).map_or(0, |m| m.index);
         tracing::warn!("vCPU {index}: KVM did not take MSR {failed:#x}");
     }
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm_err(index, "KVM_SET_FPU"))?;
 
     let mut sregs = vcpu.get_sregs().map_err(kvm_err(index, "KVM_GET_SREGS"))?;
@@ -156,7 +176,8 @@ pub fn configure(
     sregs.cr3 = cr3;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(kvm_err(index, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(index, "KVM_SET_SREGS"))?;
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -166,7 +187,8 @@ pub fn configure(
         rsi: ZERO_PAGE_START,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(kvm_err(index, "KVM_SET_REGS"))?;
+    vcpu.set_regs(&regs)
+        .map_err(kvm_err(index, "KVM_SET_REGS"))?;
     set_lapic_lvt(vcpu, index)
 }
 
@@ -232,8 +254,12 @@ mod tests {
     #[test]
     fn boot_msrs_enable_fast_strings_and_wb_mtrr() {
         let m = boot_msrs();
-        assert!(m.iter().any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
-        assert!(m.iter().any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
+        assert!(m
+            .iter()
+            .any(|e| e.index == MSR_IA32_MISC_ENABLE && e.data == 1));
+        assert!(m
+            .iter()
+            .any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == 0x806));
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::legacy::{
-    ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ,
-    COM1_LEN, COM1_PORT, I8042, I8042_LEN, I8042_PORT,
+    ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN,
+    COM1_PORT, I8042, I8042_LEN, I8042_PORT,
 };
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -143,19 +143,25 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
         return Err(mptable::MpTableError::CpuCount(config.cpus).into());
     }
-    let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
-    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
-    // The PIT's speaker port is a dummy: nothing to emulate for a microVM.
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(vm_err("KVM_CREATE_PIT2"))?;
-
+    // Everything the user gave is checked (and loaded) before KVM is touched,
+    // so bad input gets its own error on any host.
     let mem = memory::create(config.memory_mib)?;
-    memory::register(&vm, &mem)?;
     let entry = boot::load(&mem, &config.boot)?;
     mptable::write(&mem, config.cpus)?;
     let cr3 = vcpu::write_boot_tables(&mem)?;
+
+    let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
+    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+    // The PIT's speaker port is a dummy: nothing to emulate for a microVM.
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(vm_err("KVM_CREATE_PIT2"))?;
+    memory::register(&vm, &mem)?;
     tracing::debug!(
         "vm: kernel {:?} loaded ({:?} entry at {:#x}) in {:?}",
         config.boot.kernel,
@@ -167,7 +173,8 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     let exit = ExitSignal::new().map_err(host_err("the exit event"))?;
     let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(vm_err("KVM_IRQFD (serial)"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(vm_err("KVM_IRQFD (serial)"))?;
     let (serial, input_drained) = SerialConsole::new(
         EventFdTrigger::new(serial_irq),
         ConsoleOutput::new(config.console_out, watch.clone()),
@@ -180,13 +187,18 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
         what: "the port I/O bus",
         source: std::io::Error::other(e.to_string()),
     };
-    pio.insert(serial.clone(), COM1_PORT, COM1_LEN).map_err(bus_err)?;
-    pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, I8042_LEN)
+    pio.insert(serial.clone(), COM1_PORT, COM1_LEN)
         .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_PORT,
+        I8042_LEN,
+    )
+    .map_err(bus_err)?;
     let mmio = Bus::new();
 
-    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
-        EventManager::new().map_err(|e| VmmError::Host {
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|e| VmmError::Host {
             what: "the event loop",
             source: std::io::Error::other(e.to_string()),
         })?;
@@ -209,7 +221,9 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     })?;
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
-        let vcpu = vm.create_vcpu(u64::from(index)).map_err(vm_err("KVM_CREATE_VCPU"))?;
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(vm_err("KVM_CREATE_VCPU"))?;
         vcpu::configure(&kvm, &vcpu, index, config.cpus, entry.entry, cr3)?;
         let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
         let thread = std::thread::Builder::new()
@@ -218,7 +232,11 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
             .map_err(host_err("a vCPU thread"))?;
         threads.push(thread);
     }
-    tracing::debug!("vm: {} vCPUs running after {:?}", config.cpus, started.elapsed());
+    tracing::debug!(
+        "vm: {} vCPUs running after {:?}",
+        config.cpus,
+        started.elapsed()
+    );
 
     let outcome = event_loop(&mut events, &exit, &watch);
     stop_vcpus(threads);
@@ -253,7 +271,8 @@ fn event_loop(
     let mut panic_deadline: Option<Instant> = None;
     loop {
         let timeout_ms = panic_deadline.map_or(-1, |d| {
-            i32::try_from(d.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i32::MAX)
+            i32::try_from(d.saturating_duration_since(Instant::now()).as_millis())
+                .unwrap_or(i32::MAX)
         });
         if let Err(e) = events.run_with_timeout(timeout_ms) {
             exit.exit(VmExit::Error(format!("event loop failed: {e}")));
@@ -276,7 +295,8 @@ fn event_loop(
     if let Some(GuestConsoleEvent::Panic(line)) = watch.event() {
         return VmExit::Panic(line);
     }
-    exit.reason().unwrap_or_else(|| VmExit::Error("the VM stopped for no recorded reason".into()))
+    exit.reason()
+        .unwrap_or_else(|| VmExit::Error("the VM stopped for no recorded reason".into()))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it returns. A kick that lands
@@ -285,7 +305,8 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     let mut pending = threads;
     while !pending.is_empty() && Instant::now() < deadline {
-        let (done, running): (Vec<_>, Vec<_>) = pending.into_iter().partition(JoinHandle::is_finished);
+        let (done, running): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(JoinHandle::is_finished);
         for t in done {
             let _ = t.join();
         }

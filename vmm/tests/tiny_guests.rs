@@ -6,6 +6,8 @@
 //! emulate in ring 0 (XRSTOR, INT3), so they run on any /dev/kvm. Linux guests
 //! are booted by the end-to-end tests in the emulated KVM host.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly on purpose
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,7 +78,11 @@ fn kernel_file(name: &str, code: &[u8]) -> PathBuf {
 fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
     let out = Capture::default();
     let config = VmConfig {
-        boot: BootSource { kernel: kernel.to_path_buf(), initrd: None, cmdline: "x".into() },
+        boot: BootSource {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: "x".into(),
+        },
         memory_mib: 32,
         cpus,
         kvm_path: "/dev/kvm".into(),
@@ -98,7 +104,12 @@ fn run_guest(name: &str, code: &[u8], cpus: u8) -> (VmExit, String) {
 
 #[test]
 fn guest_output_reaches_the_console_and_reset_ends_the_vm() {
-    let code = [print(b"hello from the guest\n"), RESET.to_vec(), SPIN.to_vec()].concat();
+    let code = [
+        print(b"hello from the guest\n"),
+        RESET.to_vec(),
+        SPIN.to_vec(),
+    ]
+    .concat();
     let (exit, out) = run_guest("hello", &code, 1);
     assert_eq!(out, "hello from the guest\n");
     assert_eq!(exit, VmExit::Reset);
@@ -116,9 +127,16 @@ fn secondary_vcpus_waiting_for_sipi_are_stopped_too() {
 
 #[test]
 fn a_kernel_panic_line_is_reported_as_a_panic() {
-    let code = [print(b"Kernel panic - not syncing: tiny test\n"), SPIN.to_vec()].concat();
+    let code = [
+        print(b"Kernel panic - not syncing: tiny test\n"),
+        SPIN.to_vec(),
+    ]
+    .concat();
     let (exit, _) = run_guest("panic", &code, 1);
-    assert_eq!(exit, VmExit::Panic("Kernel panic - not syncing: tiny test".into()));
+    assert_eq!(
+        exit,
+        VmExit::Panic("Kernel panic - not syncing: tiny test".into())
+    );
     assert!(!exit.is_clean());
 }
 
@@ -145,7 +163,11 @@ fn a_kernel_too_big_for_memory_is_refused() {
     let path = std::env::temp_dir().join(format!("hull-tiny-{}-big.elf", std::process::id()));
     std::fs::write(&path, elf).unwrap();
     let config = VmConfig {
-        boot: BootSource { kernel: path.clone(), initrd: None, cmdline: String::new() },
+        boot: BootSource {
+            kernel: path.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        },
         memory_mib: 32,
         cpus: 1,
         kvm_path: "/dev/kvm".into(),

@@ -14,7 +14,9 @@ impl<T: Trigger> I8042<T> {
     /// A controller that fires `reset` when the guest asks for a CPU reset.
     #[must_use]
     pub fn new(reset: T) -> Self {
-        Self { inner: I8042Device::new(reset) }
+        Self {
+            inner: I8042Device::new(reset),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{BusDevice, EventFdTrigger};
 
-/// Console lines the Linux kernel prints at KERN_EMERG (so `quiet` does not
+/// Console lines the Linux kernel prints at `KERN_EMERG` (so `quiet` does not
 /// hide them) when it panics or powers off.
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const POWER_OFF_MARKER: &str = "reboot: Power down";
@@ -48,13 +48,19 @@ impl ConsoleWatch {
     /// # Errors
     /// Creating the eventfd failed.
     pub fn new() -> io::Result<Self> {
-        Ok(Self { event: Arc::default(), wake: Arc::new(EventFd::new(EFD_NONBLOCK)?) })
+        Ok(Self {
+            event: Arc::default(),
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
     }
 
     /// The first event seen, if any.
     #[must_use]
     pub fn event(&self) -> Option<GuestConsoleEvent> {
-        self.event.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.event
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Readable once an event was seen.
@@ -89,7 +95,9 @@ pub struct ConsoleOutput {
 
 impl std::fmt::Debug for ConsoleOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsoleOutput").field("watch", &self.watch).finish_non_exhaustive()
+        f.debug_struct("ConsoleOutput")
+            .field("watch", &self.watch)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +105,11 @@ impl ConsoleOutput {
     /// Console output to `out`, reporting what it sees to `watch`.
     #[must_use]
     pub fn new(out: Box<dyn Write + Send>, watch: ConsoleWatch) -> Self {
-        Self { out, line: Vec::with_capacity(MAX_LINE), watch }
+        Self {
+            out,
+            line: Vec::with_capacity(MAX_LINE),
+            watch,
+        }
     }
 
     fn scan(&mut self, byte: u8) {
@@ -200,7 +212,9 @@ pub struct SerialInput {
 
 impl std::fmt::Debug for SerialInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialInput").field("input", &self.input).finish_non_exhaustive()
+        f.debug_struct("SerialInput")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
     }
 }
 
@@ -209,7 +223,13 @@ impl SerialInput {
     /// into `console`; `drained` is the event returned by [`SerialConsole::new`].
     #[must_use]
     pub fn new(console: Arc<Mutex<SerialConsole>>, input: RawFd, drained: EventFd) -> Self {
-        Self { console, input, drained, watching_input: false, input_closed: false }
+        Self {
+            console,
+            input,
+            drained,
+            watching_input: false,
+            input_closed: false,
+        }
     }
 
     fn watch_input(&mut self, ops: &mut EventOps, on: bool) {
@@ -264,7 +284,9 @@ impl MutEventSubscriber for SerialInput {
             let _ = self.drained.read();
             self.watch_input(ops, true);
         } else if events.fd() == self.input {
-            if events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR)
+            if events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR)
                 && !events.event_set().contains(EventSet::IN)
             {
                 self.watch_input(ops, false);
@@ -319,7 +341,9 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert!(String::from_utf8_lossy(&sink.0.lock().unwrap()).starts_with("hello\n"));
-        let Some(GuestConsoleEvent::Panic(msg)) = panic.event() else { panic!("no panic seen") };
+        let Some(GuestConsoleEvent::Panic(msg)) = panic.event() else {
+            panic!("no panic seen")
+        };
         assert!(msg.contains("Attempted to kill init"), "{msg}");
         assert_eq!(panic.wake().read().unwrap(), 1);
     }

@@ -44,7 +44,11 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let raw_limit = ((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0x0000_0000_0000_ffff);
     let g = bits(entry, 55, 1);
     // With G set the limit counts 4 KiB pages.
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     let present = bits(entry, 47, 1);
     kvm_segment {
         base,
@@ -71,7 +75,10 @@ mod tests {
     fn code_segment_is_64bit_ring0() {
         let cs = segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!(cs.selector, 0x08);
-        assert_eq!((cs.l, cs.db, cs.g, cs.present, cs.dpl, cs.s), (1, 0, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.l, cs.db, cs.g, cs.present, cs.dpl, cs.s),
+            (1, 0, 1, 1, 0, 1)
+        );
         assert_eq!(cs.type_, 0xb);
         assert_eq!(cs.base, 0);
         assert_eq!(cs.limit, 0xffff_ffff);

@@ -110,7 +110,11 @@ pub struct KernelEntry {
 /// # Errors
 /// The file cannot be read, or is neither format.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let read_err = |source| BootError::Read { what: "kernel", path: path.to_path_buf(), source };
+    let read_err = |source| BootError::Read {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source,
+    };
     let mut head = [0u8; 0x206];
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut filled = 0;
@@ -188,7 +192,10 @@ fn classify_load_error(mem: &GuestMemoryMmap, path: &Path, e: &loader::Error) ->
             mib: mem_mib(mem),
             what: format!("the kernel {}", path.display()),
         },
-        other => BootError::Load { path: path.to_path_buf(), detail: other.to_string() },
+        other => BootError::Load {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -199,22 +206,33 @@ fn load_initrd(
     kernel_end: u64,
     addr_max: u64,
 ) -> Result<(u64, u64), BootError> {
-    let read_err = |source| BootError::Read { what: "initrd", path: path.to_path_buf(), source };
+    let read_err = |source| BootError::Read {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let top = low_ram_end(mem).min(addr_max.saturating_add(1));
     let too_small = || BootError::MemoryTooSmall {
         mib: mem_mib(mem),
-        what: format!("the kernel and the initrd {} ({} MiB)", path.display(), size >> 20),
+        what: format!(
+            "the kernel and the initrd {} ({} MiB)",
+            path.display(),
+            size >> 20
+        ),
     };
     let addr = top.checked_sub(size).ok_or_else(too_small)? & !(PAGE_SIZE - 1);
     if addr < kernel_end {
         return Err(too_small());
     }
     let len = usize::try_from(size).map_err(|_| too_small())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len).map_err(|e| {
-        BootError::Read { what: "initrd", path: path.to_path_buf(), source: std::io::Error::other(e) }
-    })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| BootError::Read {
+            what: "initrd",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
     Ok((addr, size))
 }
 
@@ -222,7 +240,11 @@ fn load_initrd(
 /// to the MMIO hole, then above 4 GiB.
 #[must_use]
 pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
-    let mut map = vec![boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM }];
+    let mut map = vec![boot_e820_entry {
+        addr: 0,
+        size: EBDA_START,
+        r#type: E820_RAM,
+    }];
     let low_end = mem_size.min(MMIO_GAP_START);
     if low_end > HIMEM_START {
         map.push(boot_e820_entry {
@@ -247,7 +269,8 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
 /// Too long, or contains a NUL.
 pub fn make_cmdline(cmdline: &str) -> Result<Cmdline, BootError> {
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    c.insert_str(cmdline).map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1)))?;
+    c.insert_str(cmdline)
+        .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1)))?;
     Ok(c)
 }
 
@@ -292,9 +315,13 @@ pub fn load(mem: &GuestMemoryMmap, source: &BootSource) -> Result<KernelEntry, B
     let (result, entry) = load_kernel(mem, &source.kernel)?;
     // bzImages say how high they can take an initramfs; vmlinux has no header
     // and 64-bit kernels take it anywhere in low RAM.
-    let addr_max = result
-        .setup_header
-        .map_or(u64::MAX, |h| if h.initrd_addr_max == 0 { u64::MAX } else { u64::from(h.initrd_addr_max) });
+    let addr_max = result.setup_header.map_or(u64::MAX, |h| {
+        if h.initrd_addr_max == 0 {
+            u64::MAX
+        } else {
+            u64::from(h.initrd_addr_max)
+        }
+    });
     let initrd = source
         .initrd
         .as_deref()
@@ -335,11 +362,14 @@ mod tests {
         let m = e820_map(256 << 20);
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].addr, m[0].size), (0, EBDA_START));
-        assert_eq!((m[1].addr, m[1].size), (HIMEM_START, (256 << 20) - HIMEM_START));
+        assert_eq!(
+            (m[1].addr, m[1].size),
+            (HIMEM_START, (256 << 20) - HIMEM_START)
+        );
         let big = e820_map(4 << 30);
         assert_eq!(big.len(), 3);
         assert_eq!(big[1].addr + big[1].size, MMIO_GAP_START);
-        assert_eq!(big[2].addr, MMIO_GAP_END);
+        assert_eq!({ big[2].addr }, MMIO_GAP_END);
         assert_eq!(big[1].size + big[2].size + HIMEM_START, 4 << 30);
     }
 
@@ -373,7 +403,11 @@ mod tests {
     #[test]
     fn a_file_that_is_no_kernel_is_refused() {
         let p = temp_file("notakernel", b"#!/bin/sh\necho this is not a kernel\n");
-        let src = BootSource { kernel: p.clone(), initrd: None, cmdline: String::new() };
+        let src = BootSource {
+            kernel: p.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        };
         let err = load(&mem(64), &src).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel(_)), "{err}");
         assert!(err.to_string().contains("not a Linux kernel"));
@@ -386,7 +420,10 @@ mod tests {
         header[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
         header[18] = 0x3e;
         let elf = temp_file("elf", &header);
-        assert_eq!(detect_format(&mut File::open(&elf).unwrap(), &elf).unwrap(), KernelFormat::Elf);
+        assert_eq!(
+            detect_format(&mut File::open(&elf).unwrap(), &elf).unwrap(),
+            KernelFormat::Elf
+        );
         header[18] = 0xb7; // aarch64
         std::fs::write(&elf, header).unwrap();
         assert!(matches!(
@@ -396,7 +433,10 @@ mod tests {
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         let bzp = temp_file("bz", &bz);
-        assert_eq!(detect_format(&mut File::open(&bzp).unwrap(), &bzp).unwrap(), KernelFormat::BzImage);
+        assert_eq!(
+            detect_format(&mut File::open(&bzp).unwrap(), &bzp).unwrap(),
+            KernelFormat::BzImage
+        );
         std::fs::remove_file(elf).unwrap();
         std::fs::remove_file(bzp).unwrap();
     }

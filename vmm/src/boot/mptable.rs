@@ -110,7 +110,8 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
 /// Invalid CPU count, or memory too small.
 pub fn write<M: GuestMemory>(mem: &M, cpus: u8) -> Result<(), MpTableError> {
     let table = build(cpus, MPTABLE_START)?;
-    mem.write_slice(&table, GuestAddress(MPTABLE_START)).map_err(|_| MpTableError::Write)
+    mem.write_slice(&table, GuestAddress(MPTABLE_START))
+        .map_err(|_| MpTableError::Write)
 }
 
 #[cfg(test)]
@@ -125,7 +126,11 @@ mod tests {
     fn checksums_and_counts_are_right() {
         for cpus in [1, 2, 7, MAX_CPUS] {
             let t = build(cpus, MPTABLE_START).unwrap();
-            assert!(t.len() <= MPTABLE_MAX_SIZE, "{cpus} cpus: {} bytes", t.len());
+            assert!(
+                t.len() <= MPTABLE_MAX_SIZE,
+                "{cpus} cpus: {} bytes",
+                t.len()
+            );
             assert_eq!(&t[..4], b"_MP_");
             assert_eq!(sum(&t[..16]), 0);
             let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap());
@@ -137,7 +142,9 @@ mod tests {
             let entries = u16::from_le_bytes([cfg[34], cfg[35]]);
             assert_eq!(entries, u16::from(cpus) + 2 + 24 + 2);
             // Exactly one bootstrap processor, the first.
-            let procs: Vec<_> = (0..usize::from(cpus)).map(|i| &cfg[44 + 20 * i..]).collect();
+            let procs: Vec<_> = (0..usize::from(cpus))
+                .map(|i| &cfg[44 + 20 * i..])
+                .collect();
             assert!(procs.iter().all(|p| p[0] == 0));
             assert_eq!(procs[0][3], 3);
             assert!(procs[1..].iter().all(|p| p[3] == 1));
@@ -147,6 +154,9 @@ mod tests {
     #[test]
     fn cpu_count_is_bounded() {
         assert_eq!(build(0, 0), Err(MpTableError::CpuCount(0)));
-        assert_eq!(build(MAX_CPUS + 1, 0), Err(MpTableError::CpuCount(MAX_CPUS + 1)));
+        assert_eq!(
+            build(MAX_CPUS + 1, 0),
+            Err(MpTableError::CpuCount(MAX_CPUS + 1))
+        );
     }
 }
