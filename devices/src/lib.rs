@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 /// What a device fires to raise an interrupt or signal an event.

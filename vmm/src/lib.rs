@@ -7,6 +7,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod device_manager;
 pub mod exit;
 pub mod kvm;
 pub mod layout;
@@ -15,6 +16,7 @@ pub mod vcpu;
 mod vm;
 
 pub use boot::BootSource;
+pub use device_manager::DiskConfig;
 pub use exit::VmExit;
 pub use kvm::GuestNeeds;
 pub use vm::{run, VmConfig, VmmError};

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, mptable, BootError, BootSource};
+use crate::device_manager::{DeviceError, DiskConfig, PendingDevices};
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::{self, GuestNeeds, KvmError};
 use crate::layout::KVM_TSS_ADDRESS;
@@ -49,6 +51,12 @@ pub struct VmConfig {
     /// What is fed to the guest's serial console, if anything (a readable fd
     /// that stays open while the VM runs).
     pub console_in: Option<RawFd>,
+    /// virtio-blk disks, in the order the guest enumerates them.
+    pub disks: Vec<DiskConfig>,
+    /// The host end of a virtio-console port (the guest's /dev/hvc0).
+    pub control: Option<UnixStream>,
+    /// Give the guest a virtio-rng entropy source.
+    pub entropy: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -89,6 +97,9 @@ pub enum VmmError {
     /// vCPU set-up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// virtio devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     /// Host resources (eventfds, epoll, threads).
     #[error("cannot set up {what}")]
     Host {
@@ -145,8 +156,14 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     }
     // Everything the user gave is checked (and loaded) before KVM is touched,
     // so bad input gets its own error on any host.
+    let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?;
+    let mut boot_source = config.boot.clone();
+    let devices_cmdline = pending.cmdline();
+    if !devices_cmdline.is_empty() {
+        boot_source.cmdline = format!("{} {devices_cmdline}", boot_source.cmdline);
+    }
     let mem = memory::create(config.memory_mib)?;
-    let entry = boot::load(&mem, &config.boot)?;
+    let entry = boot::load(&mem, &boot_source)?;
     mptable::write(&mem, config.cpus)?;
     let cr3 = vcpu::write_boot_tables(&mem)?;
 
@@ -195,7 +212,7 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
         I8042_LEN,
     )
     .map_err(bus_err)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
 
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
         .map_err(|e| VmmError::Host {
@@ -212,6 +229,7 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     if let Some(fd) = config.console_in {
         events.add_subscriber(Box::new(SerialInput::new(serial, fd, input_drained)));
     }
+    let transports = pending.attach(&vm, &mem, &mut mmio, &mut events)?;
 
     // vCPU threads are kicked out of KVM_RUN with a signal whose handler does
     // nothing: the interrupted ioctl returns EINTR and the loop sees `stopping`.
@@ -243,6 +261,8 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     tracing::debug!("vm: stopped after {:?}: {outcome:?}", started.elapsed());
     // The memory mapping must outlive every vCPU: the threads are joined (or
     // abandoned in a stopped state) above, and `vm` drops before `mem`.
+    drop(transports);
+    drop(events);
     drop(vm);
     drop(mem);
     Ok(outcome)

@@ -89,6 +89,9 @@ fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
         guest_needs: GuestNeeds::AnyKvm,
         console_out: Box::new(out.clone()),
         console_in: None,
+        disks: Vec::new(),
+        control: None,
+        entropy: false,
     };
     let exit = vmm::run(config).expect("the VM should start");
     let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
@@ -174,6 +177,9 @@ fn a_kernel_too_big_for_memory_is_refused() {
         guest_needs: GuestNeeds::AnyKvm,
         console_out: Box::new(std::io::sink()),
         console_in: None,
+        disks: Vec::new(),
+        control: None,
+        entropy: false,
     };
     let err = vmm::run(config).unwrap_err().to_string();
     std::fs::remove_file(path).unwrap();

@@ -1,0 +1,217 @@
+//! A driver-side harness for device tests: guest memory, split queues laid out
+//! in it, the device activated and driven through a real event manager.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::DescriptorTable;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{DeviceQueue, Interrupt, VirtioDevice};
+
+/// `VRING_DESC_F_NEXT` and `VRING_DESC_F_WRITE` as descriptor flags.
+pub(crate) const NEXT: u16 = 1;
+pub(crate) const WRITE: u16 = 2;
+pub(crate) const INDIRECT: u16 = 4;
+
+/// Where tests put their data buffers (queues live below).
+pub(crate) const DATA: u64 = 0x10_0000;
+const MEM_SIZE: usize = 0x40_0000;
+
+fn desc_table(q: usize) -> u64 {
+    0x1_0000 * (q as u64 + 1)
+}
+fn avail_ring(q: usize) -> u64 {
+    desc_table(q) + 0x1000
+}
+fn used_ring(q: usize) -> u64 {
+    desc_table(q) + 0x2000
+}
+
+pub(crate) struct Harness<D: VirtioDevice + MutEventSubscriber + 'static> {
+    pub mem: GuestMemoryMmap,
+    pub dev: Arc<Mutex<D>>,
+    pub interrupt: Arc<Interrupt>,
+    manager: EventManager<Arc<Mutex<D>>>,
+    notify: Vec<EventFd>,
+    sizes: Vec<u16>,
+    next_desc: Vec<u16>,
+    avail_idx: Vec<u16>,
+}
+
+impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
+    /// `dev` activated with queues of `sizes`, all ready.
+    pub fn new(dev: D, sizes: &[u16]) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut manager = EventManager::<Arc<Mutex<D>>>::new().unwrap();
+        manager.add_subscriber(dev.clone());
+        let mut h = Self {
+            mem,
+            dev,
+            interrupt: Arc::new(Interrupt::new().unwrap()),
+            manager,
+            notify: Vec::new(),
+            sizes: Vec::new(),
+            next_desc: Vec::new(),
+            avail_idx: Vec::new(),
+        };
+        h.activate_again(sizes);
+        h
+    }
+
+    /// Activates the device again (after [`reset`](Self::reset)), with fresh rings.
+    pub fn activate_again(&mut self, sizes: &[u16]) {
+        let max: Vec<u16> = self.dev.lock().unwrap().queue_max_sizes().to_vec();
+        self.sizes = sizes.to_vec();
+        self.next_desc = vec![0; sizes.len()];
+        self.avail_idx = vec![0; sizes.len()];
+        self.notify = sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let mut queues = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(desc_table(i)))
+                .unwrap();
+            let mut q = Queue::new(max[i]).unwrap();
+            q.try_set_size(size).unwrap();
+            q.try_set_desc_table_address(GuestAddress(desc_table(i)))
+                .unwrap();
+            q.try_set_avail_ring_address(GuestAddress(avail_ring(i)))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(used_ring(i)))
+                .unwrap();
+            q.set_ready(true);
+            assert!(q.is_valid(&self.mem));
+            queues.push(DeviceQueue {
+                queue: q,
+                notify: self.notify[i].try_clone().unwrap(),
+            });
+        }
+        self.dev
+            .lock()
+            .unwrap()
+            .activate(self.mem.clone(), self.interrupt.clone(), queues)
+            .unwrap();
+        self.pump();
+    }
+
+    /// Runs the event loop until it is idle; panics if it never gets idle.
+    pub fn pump(&mut self) {
+        for _ in 0..1000 {
+            if self.manager.run_with_timeout(0).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("the event loop keeps spinning");
+    }
+
+    /// Writes descriptors `(addr, len, flags, next)` from index `at` on, and
+    /// offers `at` as a chain head.
+    pub fn raw_chain(&mut self, q: usize, descs: &[(u64, u32, u16, u16)], at: u16) {
+        let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), self.sizes[q]);
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = SplitDescriptor::new(addr, len, flags, next);
+            table
+                .store(at + u16::try_from(i).unwrap(), RawDescriptor::from(d))
+                .unwrap();
+        }
+        self.push_avail(q, at);
+    }
+
+    /// Offers a chain of `(addr, len, flags)` buffers (NEXT is added).
+    pub fn add_chain(&mut self, q: usize, bufs: &[(u64, u32, u16)]) {
+        let size = self.sizes[q];
+        let head = self.next_desc[q];
+        let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), size);
+        let mut index = head;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let next = (index + 1) % size;
+            let flags = if i + 1 < bufs.len() {
+                flags | NEXT
+            } else {
+                flags
+            };
+            table
+                .store(
+                    index,
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+                )
+                .unwrap();
+            index = next;
+        }
+        self.next_desc[q] = index;
+        self.push_avail(q, head);
+    }
+
+    /// Puts `head` on the available ring (without checking it).
+    pub fn push_avail(&mut self, q: usize, head: u16) {
+        let idx = self.avail_idx[q];
+        let slot = u64::from(idx % self.sizes[q]);
+        self.mem
+            .write_obj(head, GuestAddress(avail_ring(q) + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx[q] = idx.wrapping_add(1);
+        self.set_avail_idx(q, self.avail_idx[q]);
+    }
+
+    /// Writes the available ring's index as a (possibly lying) driver would.
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(avail_ring(q) + 2))
+            .unwrap();
+    }
+
+    /// Notifies queue `q` and runs the event loop.
+    pub fn notify(&mut self, q: usize) {
+        self.notify[q].write(1).unwrap();
+        self.pump();
+    }
+
+    /// The used ring of queue `q`: (head, len) for each used chain.
+    pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap();
+        (0..idx)
+            .map(|i| {
+                let slot = u64::from(i % self.sizes[q]);
+                let e: VirtqUsedElem = self
+                    .mem
+                    .read_obj(GuestAddress(used_ring(q) + 4 + 8 * slot))
+                    .unwrap();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    /// Whether the irq fired since the last call.
+    pub fn take_irq(&self) -> bool {
+        self.interrupt.irq().read().is_ok()
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.interrupt.needs_reset()
+    }
+
+    /// Resets the device (as the transport would) and runs the event loop.
+    pub fn reset(&mut self) {
+        self.dev.lock().unwrap().reset();
+        self.interrupt.clear();
+        self.pump();
+    }
+}
+
+#[test]
+fn descriptor_flags_match_the_bindings() {
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    assert_eq!(u32::from(NEXT), VRING_DESC_F_NEXT);
+    assert_eq!(u32::from(WRITE), VRING_DESC_F_WRITE);
+    assert_eq!(u32::from(INDIRECT), VRING_DESC_F_INDIRECT);
+}

@@ -1,0 +1,262 @@
+//! The virtio-mmio devices of a VM: where each one lives (MMIO window, IRQ),
+//! the kernel command-line entries that announce them, and their wiring to
+//! KVM (irqfd, ioeventfds) and to the event loop.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::{
+    mmio_cmdline_fragment, Block, Console, MmioTransport, Rng, VirtioDevice, MMIO_LEN,
+    QUEUE_NOTIFY_OFFSET,
+};
+use devices::Bus;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::layout::MMIO_GAP_START;
+
+/// First IRQ for virtio devices (4 is the serial console).
+const FIRST_IRQ: u32 = 5;
+/// Last IOAPIC pin.
+const LAST_IRQ: u32 = 23;
+/// Most virtio devices one VM can have: one IOAPIC pin each.
+pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
+
+/// A disk to attach as virtio-blk.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The host file backing it.
+    pub path: PathBuf,
+    /// Attach it read-only (the guest cannot write, and the file is opened read-only).
+    pub read_only: bool,
+    /// The serial the guest sees (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub serial: String,
+}
+
+/// Errors attaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A disk file cannot be opened.
+    #[error("cannot open disk {path}")]
+    OpenDisk {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many devices for the IRQs there are.
+    #[error("{0} virtio devices requested: a VM can have at most {MAX_DEVICES}")]
+    TooMany(usize),
+    /// A serial longer than virtio-blk allows.
+    #[error("disk serial {0:?} is longer than 20 bytes")]
+    Serial(String),
+    /// Creating a device failed.
+    #[error("cannot create the {what} device: {detail}")]
+    Create {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// KVM refused an irqfd or ioeventfd.
+    #[error("cannot wire the {what} device into KVM")]
+    Kvm {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Devices whose host resources are open, ready to be placed in a VM.
+#[derive(Debug)]
+pub struct PendingDevices {
+    disks: Vec<(File, bool, String)>,
+    control: Option<UnixStream>,
+    entropy: bool,
+}
+
+fn slot(index: usize) -> (u64, u32) {
+    let i = u32::try_from(index).unwrap_or(u32::MAX);
+    (MMIO_GAP_START + u64::from(i) * MMIO_LEN, FIRST_IRQ + i)
+}
+
+impl PendingDevices {
+    /// Opens every disk (so a missing file is reported before anything else
+    /// happens) and checks that everything fits.
+    ///
+    /// # Errors
+    /// A disk cannot be opened, a serial is too long, or there are too many devices.
+    pub fn open(
+        disks: &[DiskConfig],
+        control: Option<UnixStream>,
+        entropy: bool,
+    ) -> Result<Self, DeviceError> {
+        let count = disks.len() + usize::from(control.is_some()) + usize::from(entropy);
+        if count > MAX_DEVICES {
+            return Err(DeviceError::TooMany(count));
+        }
+        let disks = disks
+            .iter()
+            .map(|d| {
+                if d.serial.len() > 20 {
+                    return Err(DeviceError::Serial(d.serial.clone()));
+                }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!d.read_only)
+                    .open(&d.path)
+                    .map_err(|source| DeviceError::OpenDisk {
+                        path: d.path.clone(),
+                        source,
+                    })?;
+                Ok((file, d.read_only, d.serial.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            disks,
+            control,
+            entropy,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.disks.len() + usize::from(self.control.is_some()) + usize::from(self.entropy)
+    }
+
+    /// The kernel command-line entries announcing the devices, in slot order.
+    #[must_use]
+    pub fn cmdline(&self) -> String {
+        (0..self.count())
+            .map(|i| {
+                let (base, irq) = slot(i);
+                mmio_cmdline_fragment(base, irq)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Creates the devices, puts them on `mmio`, wires them into KVM and the
+    /// event loop; returns the transports, which must live as long as the VM.
+    ///
+    /// # Errors
+    /// A device could not be created or KVM refused its wiring.
+    pub fn attach(
+        self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+        events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    ) -> Result<Vec<Arc<Mutex<MmioTransport>>>, DeviceError> {
+        let mut transports = Vec::new();
+        let mut index = 0;
+        let mut add = |what: &'static str,
+                       device: Arc<Mutex<dyn VirtioDevice>>,
+                       subscriber: Box<dyn MutEventSubscriber + Send>|
+         -> Result<(), DeviceError> {
+            let (base, irq) = slot(index);
+            index += 1;
+            let transport =
+                MmioTransport::new(mem.clone(), device).map_err(|e| DeviceError::Create {
+                    what,
+                    detail: e.to_string(),
+                })?;
+            vm.register_irqfd(transport.interrupt_evt(), irq)
+                .map_err(|source| DeviceError::Kvm { what, source })?;
+            for (queue, evt) in (0u32..).zip(transport.queue_events()) {
+                let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+                vm.register_ioevent(evt, &addr, queue)
+                    .map_err(|source| DeviceError::Kvm { what, source })?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(transport.clone(), base, MMIO_LEN)
+                .map_err(|e| DeviceError::Create {
+                    what,
+                    detail: e.to_string(),
+                })?;
+            events.add_subscriber(subscriber);
+            transports.push(transport);
+            Ok(())
+        };
+        for (file, read_only, serial) in self.disks {
+            let blk = Block::new(file, read_only, &serial).map_err(|e| DeviceError::Create {
+                what: "virtio-blk",
+                detail: e.to_string(),
+            })?;
+            let blk = Arc::new(Mutex::new(blk));
+            add("virtio-blk", blk.clone(), Box::new(blk))?;
+        }
+        if let Some(stream) = self.control {
+            let console = Console::new(stream).map_err(|e| DeviceError::Create {
+                what: "virtio-console",
+                detail: e.to_string(),
+            })?;
+            let console = Arc::new(Mutex::new(console));
+            add("virtio-console", console.clone(), Box::new(console))?;
+        }
+        if self.entropy {
+            let rng = Rng::new().map_err(|e| DeviceError::Create {
+                what: "virtio-rng",
+                detail: e.to_string(),
+            })?;
+            let rng = Arc::new(Mutex::new(rng));
+            add("virtio-rng", rng.clone(), Box::new(rng))?;
+        }
+        Ok(transports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_each_other_from_the_mmio_hole() {
+        assert_eq!(slot(0), (0xd000_0000, 5));
+        assert_eq!(slot(2), (0xd000_2000, 7));
+        assert_eq!(slot(MAX_DEVICES - 1).1, LAST_IRQ);
+    }
+
+    #[test]
+    fn cmdline_names_every_device() {
+        let p = PendingDevices::open(&[], None, true).unwrap();
+        assert_eq!(p.cmdline(), "virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn bad_disks_are_reported_before_anything_starts() {
+        let missing = DiskConfig {
+            path: "/nonexistent/disk".into(),
+            read_only: true,
+            serial: "x".into(),
+        };
+        let err = PendingDevices::open(&[missing], None, false).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/disk"), "{err}");
+        let long = DiskConfig {
+            path: "/dev/null".into(),
+            read_only: true,
+            serial: "x".repeat(21),
+        };
+        assert!(matches!(
+            PendingDevices::open(&[long], None, false),
+            Err(DeviceError::Serial(_))
+        ));
+        let many = vec![
+            DiskConfig {
+                path: "/dev/null".into(),
+                read_only: true,
+                serial: "d".into()
+            };
+            MAX_DEVICES
+        ];
+        assert!(matches!(
+            PendingDevices::open(&many, None, true),
+            Err(DeviceError::TooMany(_))
+        ));
+    }
+}
