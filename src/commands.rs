@@ -34,6 +34,9 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         guest_needs: vmm::GuestNeeds::LinuxKernel,
         console_out: Box::new(std::io::stdout()),
         console_in,
+        disks: Vec::new(),
+        control: None,
+        entropy: false,
     };
     let exit = vmm::run(config)?;
     if exit.is_clean() {

@@ -1,0 +1,283 @@
+//! hull's init: PID 1 of the guest. It mounts what it needs, says `Ready`,
+//! takes the run spec, builds the container's root, runs the command with
+//! its stdio on the control channel, reports how it ended and powers off.
+//!
+//! It never returns and never panics on purpose: every failure becomes a
+//! `Failed` frame (and a console line), then the VM ends.
+
+pub mod channel;
+pub mod events;
+pub mod mounts;
+pub mod process;
+pub mod rootfs;
+
+use std::ffi::CString;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::command::{self, StartError};
+use crate::protocol::{Frame, ProtocolError};
+use crate::spec::RunSpec;
+use crate::sys;
+use crate::user;
+use channel::{console, Channel};
+use events::Outcome;
+
+/// The init's state that outlives the run, for the shutdown.
+#[derive(Debug)]
+struct Init {
+    start: Instant,
+    chan: Option<Channel>,
+    mounted: rootfs::Mounted,
+    switched: bool,
+}
+
+/// The init's entry point.
+pub fn main() -> ! {
+    let start = Instant::now();
+    // SAFETY: ignoring SIGPIPE in the init (a write to a closed pipe returns
+    // EPIPE instead); the child restores the default before exec.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    events::block_sigchld();
+    let mut init = Init {
+        start,
+        chan: None,
+        mounted: rootfs::Mounted::default(),
+        switched: false,
+    };
+    let last = match init.run() {
+        Ok(Some(code)) => Some(Frame::Exited(code)),
+        Ok(None) => None,
+        Err(e) => Some(Frame::Failed {
+            code: e.code,
+            message: e.message,
+        }),
+    };
+    init.finish(last.as_ref())
+}
+
+fn runtime(what: &str, e: &impl std::fmt::Display) -> StartError {
+    StartError::new(125, format!("{what}: {e}"))
+}
+
+fn c(s: &str, what: &str) -> Result<CString, StartError> {
+    CString::new(s).map_err(|_| StartError::new(125, format!("{what} contains a NUL byte")))
+}
+
+fn read_small(path: &str) -> Option<String> {
+    let data = std::fs::read(path).ok()?;
+    Some(String::from_utf8_lossy(&data).into_owned())
+}
+
+impl Init {
+    fn note(&self, text: impl Into<String>) {
+        if let Some(chan) = &self.chan {
+            chan.note(text);
+        }
+    }
+
+    /// Everything up to the end of the process: `Ok(None)` when there is no
+    /// host left to tell.
+    fn run(&mut self) -> Result<Option<i32>, StartError> {
+        mounts::early()?;
+        mounts::fix_stdio();
+        let mut chan = Channel::open(self.start).map_err(|e| runtime(channel::DEVICE, &e))?;
+        chan.send(&Frame::Ready)
+            .map_err(|e| runtime("send Ready", &e))?;
+        let spec = match chan.recv() {
+            Ok(Frame::Spec(json)) => json,
+            Ok(other) => {
+                self.chan = Some(chan);
+                return Err(StartError::new(
+                    125,
+                    format!("expected the run spec, got {other:?}"),
+                ));
+            }
+            Err(ProtocolError::Closed) => return Ok(None),
+            Err(e) => {
+                self.chan = Some(chan);
+                return Err(runtime("reading the run spec", &e));
+            }
+        };
+        self.chan = Some(chan);
+        let spec: RunSpec =
+            serde_json::from_slice(&spec).map_err(|e| runtime("invalid run spec", &e))?;
+        if spec.args.is_empty() {
+            return Err(StartError::new(125, "no command given"));
+        }
+        self.note("spec received");
+
+        let Some(chan) = self.chan.as_ref() else {
+            return Ok(None);
+        };
+        rootfs::build(&spec.rootfs, chan, &mut self.mounted)?;
+        mounts::container(rootfs::NEW_ROOT)?;
+        mounts::switch_root(rootfs::NEW_ROOT)?;
+        self.switched = true;
+        for n in mounts::etc_files(&spec.hostname) {
+            self.note(n);
+        }
+        mounts::set_hostname(&spec.hostname).map_err(|e| runtime("sethostname", &e))?;
+        mounts::loopback_up();
+        self.note("root ready");
+        let Some(chan) = self.chan.as_mut() else {
+            return Ok(None);
+        };
+        let result = run_container(chan, &spec);
+        if matches!(result, Ok(None)) {
+            // The host is gone: nobody to send the last frame to.
+            self.chan = None;
+        }
+        result
+    }
+
+    /// Sends the last frame, ends every process, syncs, remounts read-only
+    /// what it can and reboots (the VMM takes that as the end).
+    fn finish(&mut self, last: Option<&Frame>) -> ! {
+        if let Some(Frame::Failed { code, message }) = last {
+            console(&format!("error ({code}): {message}"));
+        }
+        if let (Some(chan), Some(f)) = (&self.chan, last) {
+            if let Err(e) = chan.send(f) {
+                console(&format!("could not send the final frame: {e}"));
+            }
+            chan.drain();
+        }
+        events::kill_all();
+        // Give the killed processes a moment to go (they may hold files open).
+        for _ in 0..100 {
+            events::reap(0);
+            // SAFETY: plain call; ECHILD means nothing is left.
+            let left = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+            if left < 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // SAFETY: plain call.
+        unsafe { libc::sync() };
+        if self.switched {
+            let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, None);
+        }
+        for fd in [&self.mounted.scratch, &self.mounted.image]
+            .into_iter()
+            .flatten()
+        {
+            mounts::remount_ro(fd.as_fd());
+        }
+        // SAFETY: plain call.
+        unsafe { libc::sync() };
+        loop {
+            // SAFETY: rebooting is the init's way out; on failure, try again later.
+            unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+/// Runs the container's process in the current root and forwards its stdio
+/// until it ends: `Ok(Some(code))` when it exited, `Ok(None)` when the host
+/// went away (everything is killed then).
+///
+/// # Errors
+/// The process could not start (125/126/127), or the host broke the protocol.
+pub fn run_container(chan: &mut Channel, spec: &RunSpec) -> Result<Option<i32>, StartError> {
+    let mut early = Vec::new();
+    let mut winsize = None;
+    take_early_frames(chan, &mut early, &mut winsize)?;
+    let prepared = prepare(spec, winsize)?;
+    let child = process::spawn(&prepared)?;
+    chan.note(format!("exec {}", prepared.path.to_string_lossy()));
+    match events::run(chan, child, spec.stdin, early) {
+        Outcome::Exited(code) => {
+            chan.note(format!("exited {code}"));
+            Ok(Some(code))
+        }
+        Outcome::Protocol(e) => Err(StartError::new(125, format!("control channel: {e}"))),
+        Outcome::HostGone(why) => {
+            console(&format!(
+                "control channel lost ({why}): the container was killed"
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// Frames the host sent while the root was being built: the last `Resize`
+/// sizes the pty; the rest wait for the process.
+fn take_early_frames(
+    chan: &mut Channel,
+    early: &mut Vec<Frame>,
+    winsize: &mut Option<(u16, u16)>,
+) -> Result<(), StartError> {
+    loop {
+        while let Some(f) = chan
+            .next_buffered()
+            .map_err(|e| runtime("control channel", &e))?
+        {
+            match f {
+                Frame::Resize(r, c) => *winsize = Some((r, c)),
+                f => early.push(f),
+            }
+        }
+        if !chan.readable_now() {
+            return Ok(());
+        }
+        chan.fill().map_err(|e| runtime("control channel", &e))?;
+    }
+}
+
+/// Resolves the user, environment, working directory and executable (in the
+/// container's root, which is `/` by now).
+fn prepare(spec: &RunSpec, winsize: Option<(u16, u16)>) -> Result<process::Prepared, StartError> {
+    let passwd = read_small("/etc/passwd");
+    let group = read_small("/etc/group");
+    let u = user::resolve(&spec.user, passwd.as_deref(), group.as_deref())
+        .map_err(|m| StartError::new(125, m))?;
+    let env = command::environment(&spec.env, &u.home, &spec.hostname, spec.tty);
+    let cwd = if spec.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        spec.cwd.clone()
+    };
+    if !cwd.starts_with('/') {
+        return Err(StartError::new(
+            125,
+            format!("the working directory {cwd:?} is not absolute"),
+        ));
+    }
+    // Created as root when missing, as docker does.
+    if let Err(e) = std::fs::create_dir_all(&cwd) {
+        return Err(StartError::new(125, format!("mkdir {cwd}: {e}")));
+    }
+    let name = spec.args[0].clone();
+    let path_env = command::getenv(&env, "PATH").unwrap_or(command::DEFAULT_PATH);
+    let path = command::find_executable(&name, path_env, &cwd, Path::new("/"))?;
+    let path = c(&path.to_string_lossy(), "the command")?;
+    let argv = spec
+        .args
+        .iter()
+        .map(|a| c(a, "an argument"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = env
+        .iter()
+        .map(|e| c(e, "the environment"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(process::Prepared {
+        path,
+        argv,
+        envp,
+        cwd: c(&cwd, "the working directory")?,
+        name,
+        uid: u.uid,
+        gid: u.gid,
+        groups: u.groups,
+        tty: spec.tty,
+        stdin: spec.stdin,
+        winsize,
+    })
+}
+
+#[cfg(test)]
+mod tests;

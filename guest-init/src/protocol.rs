@@ -1,0 +1,355 @@
+//! Framing of the host<->guest control stream.
+//!
+//! A frame is a kind byte, a little-endian `u32` payload length, then the
+//! payload. Both sides treat the other as hostile: a frame longer than
+//! [`MAX_PAYLOAD`] or of an unknown kind is a protocol error, never an
+//! allocation.
+
+use std::io::{self, Read, Write};
+
+/// The largest payload either side accepts (and sends: data is chunked).
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Size of a frame header.
+pub const HEADER_LEN: usize = 5;
+
+/// A message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    // Host -> guest.
+    /// The run spec, JSON ([`crate::spec::RunSpec`]); the first frame the host sends.
+    Spec(Vec<u8>),
+    /// Bytes for the container's stdin.
+    Stdin(Vec<u8>),
+    /// The container's stdin is closed.
+    StdinEof,
+    /// Deliver this signal to the container's main process.
+    Signal(i32),
+    /// The terminal size changed (rows, columns).
+    Resize(u16, u16),
+
+    // Guest -> host.
+    /// The init is up and waiting for the spec.
+    Ready,
+    /// Bytes the container wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes the container wrote to stderr.
+    Stderr(Vec<u8>),
+    /// The container's main process ended: its exit code, or 128 + signal.
+    Exited(i32),
+    /// The init could not run the container; `code` follows docker: 125 for
+    /// a runtime error, 126 command not executable, 127 command not found.
+    Failed {
+        /// Exit status hull should end with.
+        code: i32,
+        /// What went wrong, for the user.
+        message: String,
+    },
+    /// A timing or progress note for `hull --debug` (milliseconds since the
+    /// init started, and what happened then).
+    Note(u64, String),
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream failed.
+    #[error("control stream: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended (cleanly, between frames).
+    #[error("control stream closed")]
+    Closed,
+    /// The peer sent something that is not a valid frame.
+    #[error("control stream: invalid frame: {0}")]
+    Invalid(String),
+}
+
+mod kind {
+    pub const SPEC: u8 = 1;
+    pub const STDIN: u8 = 2;
+    pub const STDIN_EOF: u8 = 3;
+    pub const SIGNAL: u8 = 4;
+    pub const RESIZE: u8 = 5;
+    pub const READY: u8 = 64;
+    pub const STDOUT: u8 = 65;
+    pub const STDERR: u8 = 66;
+    pub const EXITED: u8 = 67;
+    pub const FAILED: u8 = 68;
+    pub const NOTE: u8 = 69;
+}
+
+impl Frame {
+    /// The frame's bytes: header and payload.
+    ///
+    /// # Errors
+    /// The payload exceeds [`MAX_PAYLOAD`] (callers chunk data first).
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let (k, payload): (u8, Vec<u8>) = match self {
+            Self::Spec(b) => (kind::SPEC, b.clone()),
+            Self::Stdin(b) => (kind::STDIN, b.clone()),
+            Self::StdinEof => (kind::STDIN_EOF, Vec::new()),
+            Self::Signal(s) => (kind::SIGNAL, s.to_le_bytes().to_vec()),
+            Self::Resize(r, c) => (kind::RESIZE, [r.to_le_bytes(), c.to_le_bytes()].concat()),
+            Self::Ready => (kind::READY, Vec::new()),
+            Self::Stdout(b) => (kind::STDOUT, b.clone()),
+            Self::Stderr(b) => (kind::STDERR, b.clone()),
+            Self::Exited(c) => (kind::EXITED, c.to_le_bytes().to_vec()),
+            Self::Failed { code, message } => (
+                kind::FAILED,
+                [&code.to_le_bytes()[..], message.as_bytes()].concat(),
+            ),
+            Self::Note(ms, text) => (
+                kind::NOTE,
+                [&ms.to_le_bytes()[..], text.as_bytes()].concat(),
+            ),
+        };
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::Invalid(format!(
+                "payload of {} bytes",
+                payload.len()
+            )));
+        }
+        let len =
+            u32::try_from(payload.len()).map_err(|_| ProtocolError::Invalid("length".into()))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.push(k);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Writes the frame (one `write_all`, so frames from one writer never interleave).
+    ///
+    /// # Errors
+    /// The stream failed or the payload is too large.
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        w.write_all(&self.encode()?)?;
+        Ok(())
+    }
+
+    /// Decodes one frame from its header kind and payload.
+    ///
+    /// # Errors
+    /// Unknown kind or malformed payload.
+    pub fn decode(k: u8, payload: Vec<u8>) -> Result<Self, ProtocolError> {
+        let fixed = |n: usize| -> Result<&[u8], ProtocolError> {
+            if payload.len() == n {
+                Ok(&payload[..n])
+            } else {
+                Err(ProtocolError::Invalid(format!(
+                    "kind {k}: {} bytes, expected {n}",
+                    payload.len()
+                )))
+            }
+        };
+        let at_least = |n: usize| -> Result<(), ProtocolError> {
+            if payload.len() >= n {
+                Ok(())
+            } else {
+                Err(ProtocolError::Invalid(format!(
+                    "kind {k}: {} bytes, too short",
+                    payload.len()
+                )))
+            }
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok(match k {
+            kind::SPEC => Self::Spec(payload),
+            kind::STDIN => Self::Stdin(payload),
+            kind::STDIN_EOF => {
+                fixed(0)?;
+                Self::StdinEof
+            }
+            kind::SIGNAL => Self::Signal(i32::from_le_bytes(le4(fixed(4)?))),
+            kind::RESIZE => {
+                let b = fixed(4)?;
+                Self::Resize(
+                    u16::from_le_bytes([b[0], b[1]]),
+                    u16::from_le_bytes([b[2], b[3]]),
+                )
+            }
+            kind::READY => {
+                fixed(0)?;
+                Self::Ready
+            }
+            kind::STDOUT => Self::Stdout(payload),
+            kind::STDERR => Self::Stderr(payload),
+            kind::EXITED => Self::Exited(i32::from_le_bytes(le4(fixed(4)?))),
+            kind::FAILED => {
+                at_least(4)?;
+                Self::Failed {
+                    code: i32::from_le_bytes(le4(&payload[..4])),
+                    message: text(&payload[4..]),
+                }
+            }
+            kind::NOTE => {
+                at_least(8)?;
+                let mut ms = [0u8; 8];
+                ms.copy_from_slice(&payload[..8]);
+                Self::Note(u64::from_le_bytes(ms), text(&payload[8..]))
+            }
+            other => return Err(ProtocolError::Invalid(format!("unknown kind {other}"))),
+        })
+    }
+
+    /// Reads one frame (blocking).
+    ///
+    /// # Errors
+    /// [`ProtocolError::Closed`] at a clean end of stream; otherwise I/O or
+    /// framing errors.
+    pub fn read_from(r: &mut impl Read) -> Result<Self, ProtocolError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match r.read(&mut header[got..]) {
+                Ok(0) if got == 0 => return Err(ProtocolError::Closed),
+                Ok(0) => {
+                    return Err(ProtocolError::Invalid(
+                        "stream ended inside a header".into(),
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = usize::try_from(u32::from_le_bytes(le4(&header[1..])))
+            .map_err(|_| ProtocolError::Invalid("length".into()))?;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
+        }
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                ProtocolError::Invalid("stream ended inside a frame".into())
+            }
+            _ => ProtocolError::Io(e),
+        })?;
+        Self::decode(header[0], payload)
+    }
+}
+
+fn le4(b: &[u8]) -> [u8; 4] {
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&b[..4]);
+    out
+}
+
+/// Incremental decoder for a non-blocking reader: feed it bytes as they come,
+/// take whole frames out. Holds at most one frame's worth of bytes.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder with an empty buffer.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many more bytes the decoder can take before it must yield a frame
+    /// (callers read at most this much, so the buffer stays bounded).
+    #[must_use]
+    pub fn room(&self) -> usize {
+        (HEADER_LEN + MAX_PAYLOAD).saturating_sub(self.buf.len())
+    }
+
+    /// Appends received bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one is buffered.
+    ///
+    /// # Errors
+    /// The buffered bytes are not a valid frame.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = usize::try_from(u32::from_le_bytes(le4(&self.buf[1..])))
+            .map_err(|_| ProtocolError::Invalid("length".into()))?;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let k = self.buf[0];
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Frame::decode(k, payload).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Spec(b"{}".to_vec()),
+            Frame::Stdin(b"abc".to_vec()),
+            Frame::StdinEof,
+            Frame::Signal(15),
+            Frame::Resize(24, 80),
+            Frame::Ready,
+            Frame::Stdout(vec![0, 1, 2]),
+            Frame::Stderr(Vec::new()),
+            Frame::Exited(137),
+            Frame::Failed {
+                code: 127,
+                message: "not found".into(),
+            },
+            Frame::Note(42, "unpacked".into()),
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_through_a_stream_and_the_decoder() {
+        let mut stream = Vec::new();
+        for f in all_frames() {
+            f.write_to(&mut stream).unwrap();
+        }
+        let mut r = stream.as_slice();
+        for f in all_frames() {
+            assert_eq!(Frame::read_from(&mut r).unwrap(), f);
+        }
+        assert!(matches!(
+            Frame::read_from(&mut r),
+            Err(ProtocolError::Closed)
+        ));
+
+        let mut d = FrameDecoder::new();
+        let mut out = Vec::new();
+        for chunk in stream.chunks(3) {
+            d.feed(chunk);
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, all_frames());
+    }
+
+    #[test]
+    fn hostile_frames_are_errors_not_allocations() {
+        let mut huge = vec![kind::STDOUT];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Frame::read_from(&mut huge.as_slice()),
+            Err(ProtocolError::Invalid(_))
+        ));
+        let mut d = FrameDecoder::new();
+        d.feed(&huge);
+        assert!(d.next_frame().is_err());
+        assert!(Frame::decode(200, Vec::new()).is_err());
+        assert!(Frame::decode(kind::EXITED, vec![1, 2]).is_err());
+        assert!(Frame::decode(kind::FAILED, vec![1]).is_err());
+        let truncated = [kind::STDOUT, 10, 0, 0, 0, 1, 2];
+        assert!(matches!(
+            Frame::read_from(&mut &truncated[..]),
+            Err(ProtocolError::Invalid(_))
+        ));
+    }
+}

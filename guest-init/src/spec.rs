@@ -1,0 +1,108 @@
+//! What the host asks the init to run: sent once, as JSON, in the first
+//! [`Frame::Spec`](crate::protocol::Frame::Spec).
+
+use serde::{Deserialize, Serialize};
+
+/// One container run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The command: the image's entrypoint and cmd as the host resolved them
+    /// (docker's rules), never empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs: the image's, then the user's (later wins).
+    pub env: Vec<String>,
+    /// Working directory inside the container (absolute; created if missing).
+    pub cwd: String,
+    /// User as docker takes it: "", "name", "uid", "name:group", "uid:gid";
+    /// names are resolved from the container's /etc/passwd and /etc/group.
+    pub user: String,
+    /// The container's hostname.
+    pub hostname: String,
+    /// Give the process a pseudo-terminal (stdout and stderr merge into it).
+    pub tty: bool,
+    /// Keep stdin open and forward the host's (`-i`); otherwise stdin is /dev/null.
+    pub stdin: bool,
+    /// Where the container's root filesystem comes from.
+    pub rootfs: RootfsSpec,
+}
+
+/// The container's root: the image's file system (an ext4 disk, read-only
+/// once built) under an overlay whose upper layer is the container's scratch disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// virtio-blk serial of the image's root file system disk (ext4).
+    pub image_disk: String,
+    /// virtio-blk serial of the container's writable disk (ext4, empty at first).
+    pub scratch_disk: String,
+    /// Present when the image disk is new and empty: unpack these layers into
+    /// it, in order, then use it.
+    pub build: Option<Vec<LayerSpec>>,
+}
+
+/// One image layer, attached as a read-only raw disk holding the layer blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// virtio-blk serial of the disk.
+    pub disk: String,
+    /// The blob's length in bytes (the disk is padded to whole sectors).
+    pub size: u64,
+    /// How the tar stream is compressed.
+    pub compression: Compression,
+    /// The blob's digest, for messages.
+    pub digest: String,
+}
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// A plain tar.
+    None,
+    /// tar+gzip.
+    Gzip,
+    /// tar+zstd.
+    Zstd,
+}
+
+/// Serial of the image disk, as the host names it (virtio-blk serials hold
+/// at most 20 bytes).
+pub const IMAGE_DISK_SERIAL: &str = "hull-image";
+/// Serial of the scratch disk.
+pub const SCRATCH_DISK_SERIAL: &str = "hull-scratch";
+/// Serial of layer disk `n`.
+#[must_use]
+pub fn layer_disk_serial(n: usize) -> String {
+    format!("hull-layer-{n}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_as_json() {
+        let spec = RunSpec {
+            args: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: String::new(),
+            hostname: "abc".into(),
+            tty: false,
+            stdin: true,
+            rootfs: RootfsSpec {
+                image_disk: IMAGE_DISK_SERIAL.into(),
+                scratch_disk: SCRATCH_DISK_SERIAL.into(),
+                build: Some(vec![LayerSpec {
+                    disk: layer_disk_serial(0),
+                    size: 1234,
+                    compression: Compression::Gzip,
+                    digest: "sha256:00".into(),
+                }]),
+            },
+        };
+        let json = serde_json::to_vec(&spec).unwrap();
+        assert!(String::from_utf8_lossy(&json).contains("\"gzip\""));
+        assert_eq!(serde_json::from_slice::<RunSpec>(&json).unwrap(), spec);
+        assert!(layer_disk_serial(99).len() <= 20);
+    }
+}

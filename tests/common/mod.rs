@@ -1,0 +1,537 @@
+//! Helpers shared by the integration tests: `mod common;` from `tests/*.rs`
+//! (from a `tests/<dir>/main.rs`: `#[path = "../common/mod.rs"] mod common;`).
+//!
+//! [`EmulatedHost`] runs a shell script inside the emulated KVM host of
+//! `tests/emulated-host/run`: QEMU TCG with `-cpu max` booting Debian's cloud
+//! kernel, which loads the KVM modules and so has a real `/dev/kvm`. hull runs in
+//! there and boots its own guest. Each run costs about 3-5 s of boot.
+//!
+//! ```ignore
+//! mod common;
+//! use common::{EmulatedHost, HULL_IN_HOST, KERNEL_IN_HOST};
+//!
+//! #[test]
+//! fn boots() {
+//!     let run = EmulatedHost::new()
+//!         .with_hull()
+//!         .with_test_kernel()
+//!         .run(&format!("{HULL_IN_HOST} boot --kernel {KERNEL_IN_HOST}"));
+//!     run.assert_success().assert_stdout_contains("hello from the guest");
+//! }
+//! ```
+//!
+//! The emulated host's output is echoed through `print!`/`eprint!` as it
+//! arrives, so the test harness shows it for failing tests (and live with
+//! `cargo test -- --nocapture`). Runs are throttled so that the emulated hosts of
+//! tests running in parallel use at most `HULL_EH_PARALLEL` (default: the number
+//! of CPUs) host CPUs together.
+
+#![allow(dead_code)]
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Where [`EmulatedHost::with_hull`] puts the hull binary in the emulated host.
+pub const HULL_IN_HOST: &str = "/usr/local/bin/hull";
+/// Where [`EmulatedHost::with_test_kernel`] puts the guest kernel in the emulated host.
+pub const KERNEL_IN_HOST: &str = "/opt/hull/vmlinux";
+
+/// Exit status of `tests/emulated-host/run` when the emulated host timed out.
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status of `tests/emulated-host/run` when the script could not run
+/// (QEMU died, a prerequisite is missing, bad usage).
+pub const EXIT_HOST_FAILED: i32 = 125;
+
+/// The hull binary cargo built for these tests (a static musl binary).
+pub fn hull_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hull"))
+}
+
+/// A stripped copy of `binary` under cargo's temporary directory for tests
+/// (made again when `binary` is newer), or `binary` itself when `strip` fails.
+/// Smaller files boot faster in the emulated host (the debug hull shrinks from
+/// about 17 MB to 5 MB), at the price of backtraces without line numbers.
+pub fn stripped(binary: &Path) -> PathBuf {
+    let name = binary.file_name().map_or_else(
+        || String::from("binary"),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.stripped"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(src), Some(dst)) = (modified(binary), modified(&out)) {
+        if dst >= src {
+            return out;
+        }
+    }
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let ok = Command::new("strip")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(binary)
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::fs::rename(&tmp, &out).is_ok();
+    if ok {
+        out
+    } else {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!(
+            "emulated-host: could not strip {}; using it as is",
+            binary.display()
+        );
+        binary.to_path_buf()
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `tests/emulated-host/run`.
+pub fn emulated_host_script() -> PathBuf {
+    repo_root().join("tests").join("emulated-host").join("run")
+}
+
+/// The guest kernel (`vmlinux`) the tests boot, from `HULL_TEST_KERNEL`, if set.
+pub fn test_kernel_opt() -> Option<PathBuf> {
+    std::env::var_os("HULL_TEST_KERNEL")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The guest kernel (`vmlinux`) the tests boot, from `HULL_TEST_KERNEL`.
+///
+/// # Panics
+/// When `HULL_TEST_KERNEL` is not set or names no file.
+pub fn test_kernel() -> PathBuf {
+    let Some(kernel) = test_kernel_opt() else {
+        panic!(
+            "HULL_TEST_KERNEL is not set: run the tests with `./dev test`, or set it to the \
+             path printed by `target/x86_64-unknown-linux-musl/debug/hull kernel build`"
+        );
+    };
+    assert!(
+        kernel.is_file(),
+        "HULL_TEST_KERNEL={} is not a file (rebuild it with `hull kernel build`)",
+        kernel.display()
+    );
+    kernel
+}
+
+/// Builder for one run of a script in the emulated KVM host.
+#[derive(Debug, Clone, Default)]
+pub struct EmulatedHost {
+    mem_mib: Option<u32>,
+    cpus: Option<u32>,
+    timeout_secs: Option<u64>,
+    no_kvm: bool,
+    verbose: bool,
+    files: Vec<(PathBuf, String)>,
+    dirs: Vec<(PathBuf, String)>,
+    modules: Vec<String>,
+    append: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl EmulatedHost {
+    /// Defaults: 1 vCPU, 2048 MiB, 300 s timeout (boot included), KVM loaded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Copies file `src` (symlinks followed) to the absolute path `dest` in the
+    /// emulated host; a `dest` ending in `/` keeps the file's name. Not under
+    /// `/tmp`, `/run`, `/proc`, `/sys` or `/dev`. Pass stripped binaries: big files
+    /// cost boot time (about 0.5 s per 50 MB).
+    pub fn file(mut self, src: impl AsRef<Path>, dest: &str) -> Self {
+        self.files
+            .push((src.as_ref().to_path_buf(), dest.to_owned()));
+        self
+    }
+
+    /// Copies the contents of directory `src` (symlinks kept) into `dest`.
+    pub fn dir(mut self, src: impl AsRef<Path>, dest: &str) -> Self {
+        self.dirs
+            .push((src.as_ref().to_path_buf(), dest.to_owned()));
+        self
+    }
+
+    /// The hull binary of this build at [`HULL_IN_HOST`], as built (with line
+    /// tables, so backtraces name lines; about 0.2 s more boot than stripped).
+    pub fn with_hull(self) -> Self {
+        self.file(hull_bin(), HULL_IN_HOST)
+    }
+
+    /// A stripped copy of the hull binary of this build at [`HULL_IN_HOST`].
+    pub fn with_stripped_hull(self) -> Self {
+        self.file(stripped(&hull_bin()), HULL_IN_HOST)
+    }
+
+    /// The test guest kernel (`HULL_TEST_KERNEL`) at [`KERNEL_IN_HOST`].
+    pub fn with_test_kernel(self) -> Self {
+        self.file(test_kernel(), KERNEL_IN_HOST)
+    }
+
+    /// Number of vCPUs of the emulated host.
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = Some(n);
+        self
+    }
+
+    /// Memory of the emulated host in MiB.
+    pub fn mem(mut self, mib: u32) -> Self {
+        self.mem_mib = Some(mib);
+        self
+    }
+
+    /// Kills the emulated host after `secs` seconds (boot included); the run then
+    /// has code [`EXIT_TIMEOUT`].
+    pub fn timeout(mut self, secs: u64) -> Self {
+        self.timeout_secs = Some(secs);
+        self
+    }
+
+    /// Does not load the KVM modules: no `/dev/kvm` in the emulated host.
+    pub fn no_kvm(mut self) -> Self {
+        self.no_kvm = true;
+        self
+    }
+
+    /// Also loads kernel module `name` (with its dependencies), e.g. `tun`.
+    pub fn module(mut self, name: &str) -> Self {
+        self.modules.push(name.to_owned());
+        self
+    }
+
+    /// Extra kernel command line arguments for the emulated host.
+    pub fn append(mut self, args: &str) -> Self {
+        self.append.push(args.to_owned());
+        self
+    }
+
+    /// Also shows the emulated host's boot console (on stderr).
+    pub fn verbose(mut self) -> Self {
+        self.verbose = true;
+        self
+    }
+
+    /// Sets an environment variable for `tests/emulated-host/run` (for example
+    /// `HULL_EH_MACHINE`); it does not reach the script.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The command line `run` would execute (the script goes to its stdin).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(emulated_host_script());
+        if let Some(mem) = self.mem_mib {
+            cmd.arg("--mem").arg(mem.to_string());
+        }
+        if let Some(cpus) = self.cpus {
+            cmd.arg("--cpus").arg(cpus.to_string());
+        }
+        if let Some(secs) = self.timeout_secs {
+            cmd.arg("--timeout").arg(secs.to_string());
+        }
+        if self.no_kvm {
+            cmd.arg("--no-kvm");
+        }
+        if self.verbose {
+            cmd.arg("--verbose");
+        }
+        for (src, dest) in &self.files {
+            let mut spec = src.clone().into_os_string();
+            spec.push(":");
+            spec.push(dest);
+            cmd.arg("--file").arg(spec);
+        }
+        for (src, dest) in &self.dirs {
+            let mut spec = src.clone().into_os_string();
+            spec.push(":");
+            spec.push(dest);
+            cmd.arg("--dir").arg(spec);
+        }
+        for module in &self.modules {
+            cmd.arg("--module").arg(module);
+        }
+        for args in &self.append {
+            cmd.arg("--append").arg(args);
+        }
+        for (key, value) in &self.envs {
+            cmd.env(key, value);
+        }
+        cmd.arg("-");
+        cmd
+    }
+
+    /// Runs `script` with `sh` in the emulated host and waits for it. Panics only
+    /// when `tests/emulated-host/run` cannot be started at all; check the result
+    /// with [`HostRun::assert_success`] and friends.
+    pub fn run(&self, script: &str) -> HostRun {
+        let weight = self.cpus.unwrap_or(1).max(1);
+        let _slot = CpuSlots::acquire(weight);
+        let started = Instant::now();
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (is the repository complete? is bash installed?)",
+                emulated_host_script().display()
+            )
+        });
+        // The script is small; write it all, then close stdin.
+        if let Some(mut stdin) = child.stdin.take() {
+            if let Err(e) = stdin.write_all(script.as_bytes()) {
+                eprintln!("emulated-host: writing the script to {cmd:?} failed: {e}");
+            }
+        }
+        let out = child.stdout.take().map(|s| echo_lines(s, false));
+        let err = child.stderr.take().map(|s| echo_lines(s, true));
+
+        // `run` enforces the timeout itself; this is only a last resort.
+        let guard = Duration::from_secs(self.timeout_secs.unwrap_or(300) + 120);
+        let status = wait_with_guard(&mut child, guard);
+        let stdout = join_output(out);
+        let stderr = join_output(err);
+        let code = match status {
+            Some(status) => exit_code(status),
+            None => {
+                eprintln!("emulated-host: {cmd:?} did not end within {guard:?}; killed it");
+                EXIT_TIMEOUT
+            }
+        };
+        HostRun {
+            boot_secs: parse_secs(&stderr, "booted in "),
+            script_secs: parse_secs(&stderr, "script ran "),
+            stdout,
+            stderr,
+            code,
+            elapsed: started.elapsed(),
+            script: script.to_owned(),
+        }
+    }
+}
+
+/// The result of [`EmulatedHost::run`].
+#[derive(Debug, Clone)]
+pub struct HostRun {
+    /// What the script wrote (stdout and stderr, in order: both go to the
+    /// emulated host's console), trailing CRs removed.
+    pub stdout: String,
+    /// Messages of `tests/emulated-host/run` itself (timing, errors), QEMU's stderr.
+    pub stderr: String,
+    /// The script's exit status; [`EXIT_TIMEOUT`] on timeout, [`EXIT_HOST_FAILED`]
+    /// when the emulated host failed.
+    pub code: i32,
+    /// QEMU start to the script's start (boot and module loading), if it started.
+    pub boot_secs: Option<f64>,
+    /// How long the script ran, if it ended.
+    pub script_secs: Option<f64>,
+    /// Wall time of the whole run, as seen from the test.
+    pub elapsed: Duration,
+    /// The script that ran.
+    pub script: String,
+}
+
+impl HostRun {
+    /// Whether the script exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Whether the emulated host was killed for taking too long.
+    pub fn timed_out(&self) -> bool {
+        self.code == EXIT_TIMEOUT
+    }
+
+    /// Panics, with the whole output, unless the script exited with status 0.
+    #[track_caller]
+    pub fn assert_success(&self) -> &Self {
+        self.assert_code(0)
+    }
+
+    /// Panics, with the whole output, unless the script exited with `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        if self.code != code {
+            self.fail(&format!(
+                "expected exit status {code}, got {}",
+                self.describe_code()
+            ));
+        }
+        self
+    }
+
+    /// Panics, with the whole output, unless the output contains `needle`.
+    #[track_caller]
+    pub fn assert_stdout_contains(&self, needle: &str) -> &Self {
+        if !self.stdout.contains(needle) {
+            self.fail(&format!("the output does not contain {needle:?}"));
+        }
+        self
+    }
+
+    /// Panics, with the whole output, if the output contains `needle`.
+    #[track_caller]
+    pub fn assert_stdout_lacks(&self, needle: &str) -> &Self {
+        if self.stdout.contains(needle) {
+            self.fail(&format!("the output contains {needle:?}"));
+        }
+        self
+    }
+
+    /// Panics with `msg` followed by the whole report.
+    #[track_caller]
+    pub fn fail(&self, msg: &str) -> ! {
+        panic!("emulated host: {msg}\n{self}")
+    }
+
+    fn describe_code(&self) -> String {
+        match self.code {
+            EXIT_TIMEOUT => format!("{EXIT_TIMEOUT} (timed out)"),
+            EXIT_HOST_FAILED => format!("{EXIT_HOST_FAILED} (the emulated host failed)"),
+            c => c.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for HostRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "--- script ---")?;
+        writeln!(f, "{}", self.script.trim_end())?;
+        writeln!(f, "--- output (exit status {}) ---", self.describe_code())?;
+        writeln!(f, "{}", self.stdout.trim_end())?;
+        writeln!(f, "--- tests/emulated-host/run stderr ---")?;
+        writeln!(f, "{}", self.stderr.trim_end())?;
+        write!(f, "--- end (run took {:.1?}) ---", self.elapsed)
+    }
+}
+
+/// Reads `stream` in a thread, echoing each line through `print!`/`eprint!`
+/// (so the test harness captures it) and collecting it all.
+fn echo_lines(stream: impl Read + Send + 'static, to_stderr: bool) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut all = String::new();
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf);
+                    if to_stderr {
+                        eprint!("{text}");
+                    } else {
+                        print!("{text}");
+                    }
+                    all.push_str(&text);
+                }
+                Err(e) => {
+                    eprintln!("emulated-host: reading its output failed: {e}");
+                    break;
+                }
+            }
+        }
+        all
+    })
+}
+
+fn join_output(handle: Option<thread::JoinHandle<String>>) -> String {
+    handle
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| String::from("<output reader panicked>"))
+        })
+        .unwrap_or_default()
+}
+
+fn wait_with_guard(child: &mut std::process::Child, guard: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + guard;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Ok(None) => break,
+            Err(e) => panic!("waiting for tests/emulated-host/run failed: {e}"),
+        }
+    }
+    // SIGTERM first so that `run` kills its QEMU and cleans up.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    thread::sleep(Duration::from_secs(2));
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Parses `... {key}12.34 s ...` from the timing line of `run`.
+fn parse_secs(stderr: &str, key: &str) -> Option<f64> {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("emulated-host: ") && l.contains(key))?;
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Throttles concurrent emulated hosts: each run holds as many slots as it has
+/// vCPUs; there are `HULL_EH_PARALLEL` (default: the number of CPUs) slots.
+struct CpuSlots {
+    weight: u32,
+}
+
+static SLOTS_USED: Mutex<u32> = Mutex::new(0);
+static SLOTS_FREED: Condvar = Condvar::new();
+
+impl CpuSlots {
+    fn capacity() -> u32 {
+        std::env::var("HULL_EH_PARALLEL")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| {
+                thread::available_parallelism()
+                    .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            })
+    }
+
+    fn acquire(weight: u32) -> Self {
+        let weight = weight.min(Self::capacity());
+        let mut used = SLOTS_USED.lock().unwrap_or_else(PoisonError::into_inner);
+        while *used > 0 && *used + weight > Self::capacity() {
+            used = SLOTS_FREED
+                .wait(used)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *used += weight;
+        Self { weight }
+    }
+}
+
+impl Drop for CpuSlots {
+    fn drop(&mut self) {
+        let mut used = SLOTS_USED.lock().unwrap_or_else(PoisonError::into_inner);
+        *used = used.saturating_sub(self.weight);
+        SLOTS_FREED.notify_all();
+    }
+}
