@@ -18,6 +18,23 @@ pub struct Cli {
 /// hull's verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a command in a new container, in its own microVM.
+    Run(RunArgs),
+    /// Pull an image from a registry.
+    Pull(PullArgs),
+    /// Log in to a registry (credentials go to docker's config.json).
+    Login(LoginArgs),
+    /// List images.
+    Images(ImagesArgs),
+    /// Remove images.
+    Rmi(RmiArgs),
+    /// Load images from a docker-archive or oci-archive tarball.
+    Load(LoadArgs),
+    /// Make an image from a plain root file system tarball.
+    Import(ImportArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Boot a kernel directly in a microVM (low level: no image, no container).
     Boot(BootArgs),
     /// Build or locate the guest kernel.
@@ -76,4 +93,126 @@ pub struct KernelBuildArgs {
     /// Rebuild even if a cached build exists.
     #[arg(long)]
     pub force: bool,
+}
+
+/// `hull run`.
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+pub struct RunArgs {
+    /// Set an environment variable (KEY=VALUE, or KEY to take it from hull's environment).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines; # comments).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Remove the container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Name the container.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The container's hostname (default: the short container id).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Memory of the container's VM (e.g. 512m, 1g; plain numbers are bytes, as in docker).
+    #[arg(short = 'm', long, default_value = "512m")]
+    pub memory: String,
+    /// vCPUs of the container's VM (a fraction is rounded up).
+    #[arg(long, default_value = "1")]
+    pub cpus: String,
+    /// Keep stdin open and forward it to the container.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Pull without TLS (plain HTTP) if the image must be pulled.
+    #[arg(long)]
+    pub insecure: bool,
+    /// The guest kernel (default: the cached `hull kernel build`).
+    #[arg(long, env = "HULL_KERNEL", hide = true)]
+    pub kernel: Option<PathBuf>,
+    /// The image.
+    pub image: String,
+    /// The command and its arguments (default: the image's).
+    pub command: Vec<String>,
+}
+
+/// `hull pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Use plain HTTP (registries on loopback always do).
+    #[arg(long)]
+    pub insecure: bool,
+    /// The image reference (e.g. alpine, registry.example.com/app:1.0).
+    pub reference: String,
+}
+
+/// `hull login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// User name.
+    #[arg(short = 'u', long)]
+    pub username: String,
+    /// Read the password from stdin.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Password (prefer --password-stdin: command lines are visible to other users).
+    #[arg(short = 'p', long)]
+    pub password: Option<String>,
+    /// Use plain HTTP.
+    #[arg(long)]
+    pub insecure: bool,
+    /// The registry (e.g. registry.example.com:5000).
+    pub registry: String,
+}
+
+/// `hull images`.
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Only print image ids.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `hull rmi`.
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Images (names or ids).
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// `hull load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The archive (docker save or oci-archive format, optionally gzipped).
+    #[arg(short = 'i', long)]
+    pub input: PathBuf,
+}
+
+/// `hull import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A tarball of a root file system.
+    pub tarball: PathBuf,
+    /// The new image's name.
+    pub name: String,
+}
+
+/// `hull image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Remove dangling images and unused blobs.
+    Prune,
+    /// List images (as `hull images`).
+    Ls(ImagesArgs),
+    /// Remove images (as `hull rmi`).
+    Rm(RmiArgs),
 }

@@ -34,7 +34,21 @@ fn header(
     let namesize = name.len() + 1;
     let size = u32::try_from(size).map_err(|_| io::Error::other("file too large for cpio"))?;
     let namesize_u32 = u32::try_from(namesize).map_err(|_| io::Error::other("name too long"))?;
-    let fields = [ino, mode, 0, 0, 1, 0, size, 0, 0, rdev.0, rdev.1, namesize_u32, 0];
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        size,
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        namesize_u32,
+        0,
+    ];
     let mut h = String::from("070701");
     for f in fields {
         h.push_str(&format!("{f:08x}"));
@@ -70,7 +84,11 @@ pub fn build(init: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(init.len() + 1024);
     write_archive(
         &mut out,
-        &[Entry::Dir("dev"), Entry::CharDev("dev/console", 5, 1), Entry::File("init", init, 0o755)],
+        &[
+            Entry::Dir("dev"),
+            Entry::CharDev("dev/console", 5, 1),
+            Entry::File("init", init, 0o755),
+        ],
     )?;
     Ok(out)
 }
@@ -82,7 +100,8 @@ mod tests {
     /// Parses the archive back (names, modes, data) to check the layout.
     fn parse(mut data: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
         let field = |h: &[u8], i: usize| {
-            u32::from_str_radix(std::str::from_utf8(&h[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap()
+            u32::from_str_radix(std::str::from_utf8(&h[6 + i * 8..14 + i * 8]).unwrap(), 16)
+                .unwrap()
         };
         let mut out = Vec::new();
         loop {
@@ -90,7 +109,9 @@ mod tests {
             let size = field(data, 6) as usize;
             let namesize = field(data, 11) as usize;
             let mode = field(data, 1);
-            let name = std::str::from_utf8(&data[110..110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&data[110..110 + namesize - 1])
+                .unwrap()
+                .to_string();
             let data_start = (110 + namesize).div_ceil(4) * 4;
             let body = data[data_start..data_start + size].to_vec();
             data = &data[(data_start + size).div_ceil(4) * 4..];
@@ -109,7 +130,10 @@ mod tests {
         assert_eq!(entries.len(), 3);
         assert_eq!(entries[1].0, "dev/console");
         assert_eq!(entries[1].1, S_IFCHR | 0o600);
-        assert_eq!(entries[2], ("init".to_string(), S_IFREG | 0o755, init.to_vec()));
+        assert_eq!(
+            entries[2],
+            ("init".to_string(), S_IFREG | 0o755, init.to_vec())
+        );
     }
 
     #[test]
@@ -128,6 +152,9 @@ mod tests {
             .output()
             .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(String::from_utf8_lossy(&listing.stdout), "dev\ndev/console\ninit\n");
+        assert_eq!(
+            String::from_utf8_lossy(&listing.stdout),
+            "dev\ndev/console\ninit\n"
+        );
     }
 }

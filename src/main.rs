@@ -5,6 +5,11 @@
 
 mod cli;
 mod commands;
+mod disks;
+mod guest;
+mod initramfs;
+mod run;
+mod session;
 
 use std::process::ExitCode;
 
@@ -16,7 +21,7 @@ const EXIT_HULL_ERROR: u8 = 125;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging(cli.debug);
-    match commands::dispatch(cli.command) {
+    match commands::dispatch(cli.command, cli.debug) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hull: {}", error_chain(e.as_ref()));

@@ -136,7 +136,8 @@ impl Session<'_> {
                 self.outcome.get_or_insert(Outcome::Exited(code));
             }
             Frame::Failed { code, message } => {
-                self.outcome.get_or_insert(Outcome::Failed { code, message });
+                self.outcome
+                    .get_or_insert(Outcome::Failed { code, message });
             }
             // Host-to-guest frames coming back are a broken guest.
             other => {
@@ -154,7 +155,11 @@ impl Session<'_> {
         match self.stream.read(&mut buf[..want]) {
             Ok(0) => return Ok(false),
             Ok(n) => self.decoder.feed(&buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(false),
             Err(e) => return Err(io_err("reading from the guest")(e)),
         }
@@ -176,7 +181,10 @@ impl Session<'_> {
             Ok(n) => self.queue(&Frame::Stdin(buf[..n].to_vec())),
             Err(_) => {
                 let e = io::Error::last_os_error();
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
                     return Ok(());
                 }
                 // A broken stdin is the container's EOF.
@@ -226,7 +234,9 @@ pub fn run(
     spec: Vec<u8>,
     relay: &Relay,
 ) -> Result<(Outcome, Marks), SessionError> {
-    stream.set_nonblocking(true).map_err(io_err("setting up the control stream"))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(io_err("setting up the control stream"))?;
     let mut s = Session {
         stream,
         relay,
@@ -246,13 +256,21 @@ pub fn run(
         }];
         let stdin_slot = match relay.stdin {
             Some(fd) if s.stdin_open && s.queue.len() < MAX_QUEUED && s.outcome.is_none() => {
-                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
                 Some(fds.len() - 1)
             }
             _ => None,
         };
         let signal_slot = relay.signals.map(|fd| {
-            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
             fds.len() - 1
         });
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(1);
@@ -268,7 +286,9 @@ pub fn run(
         if fds[0].revents & libc::POLLOUT != 0 {
             s.flush_some()?;
         }
-        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !s.read_stream()? {
+        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+            && !s.read_stream()?
+        {
             break;
         }
         if let Some(i) = stdin_slot {
@@ -291,7 +311,12 @@ mod tests {
     use super::*;
 
     fn relay() -> Relay {
-        Relay { stdin: None, signals: None, debug: false, started: Instant::now() }
+        Relay {
+            stdin: None,
+            signals: None,
+            debug: false,
+            started: Instant::now(),
+        }
     }
 
     #[test]
@@ -324,15 +349,29 @@ mod tests {
         let (mut host, mut guest) = UnixStream::pair().unwrap();
         guest.write_all(&[0xee, 0, 0, 0, 0]).unwrap();
         drop(guest);
-        assert!(matches!(run(&mut host, Vec::new(), &relay()), Err(SessionError::Protocol(_))));
+        assert!(matches!(
+            run(&mut host, Vec::new(), &relay()),
+            Err(SessionError::Protocol(_))
+        ));
     }
 
     #[test]
     fn a_failure_is_reported_with_its_code() {
         let (mut host, mut guest) = UnixStream::pair().unwrap();
-        Frame::Failed { code: 127, message: "nope".into() }.write_to(&mut guest).unwrap();
+        Frame::Failed {
+            code: 127,
+            message: "nope".into(),
+        }
+        .write_to(&mut guest)
+        .unwrap();
         drop(guest);
         let (outcome, _) = run(&mut host, Vec::new(), &relay()).unwrap();
-        assert_eq!(outcome, Outcome::Failed { code: 127, message: "nope".into() });
+        assert_eq!(
+            outcome,
+            Outcome::Failed {
+                code: 127,
+                message: "nope".into()
+            }
+        );
     }
 }

@@ -65,7 +65,6 @@ pub struct LayerStats {
 }
 
 /// Applies layers onto one root directory.
-#[derive(Debug)]
 pub struct Unpacker {
     root: OwnedFd,
     /// Running as root: ownership is applied (skipped otherwise, for tests).
@@ -73,6 +72,16 @@ pub struct Unpacker {
     /// `openat2` works here (cleared at its first `ENOSYS`/`EPERM`-like failure).
     openat2: bool,
     buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Unpacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unpacker")
+            .field("root", &self.root)
+            .field("chown", &self.chown)
+            .field("openat2", &self.openat2)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One entry's metadata, extension headers applied.
@@ -612,37 +621,37 @@ impl Layer<'_, '_> {
             .map_err(|e| format!("parent directory: {e}"))?;
         let pfd = pfd.as_fd();
         let cname = sys::cstr(name).map_err(|e| err(&e))?;
-        let existing = match sys::fstatat(pfd, &cname, true) {
-            Ok(st) => Some(st),
-            Err(e) if errno(&e) == libc::ENOENT => None,
-            Err(e) => return Err(err(&e)),
-        };
+        // Creations are tried first; what is in the way is looked at only
+        // on EEXIST (new names are the common case, and syscalls count).
         if m.kind.is_hard_link() {
+            let existing = match sys::fstatat(pfd, &cname, true) {
+                Ok(st) => Some(st),
+                Err(e) if errno(&e) == libc::ENOENT => None,
+                Err(e) => return Err(err(&e)),
+            };
             self.hardlink(m, pfd, &cname, existing.as_ref())?;
         } else if m.kind.is_dir() {
-            match existing {
-                Some(st) if sys::file_type(st.st_mode) == libc::S_IFDIR => {}
-                other => {
-                    if let Some(st) = other {
+            match sys::mkdirat(pfd, &cname, 0o700) {
+                Ok(()) => {}
+                Err(e) if errno(&e) == libc::EEXIST => {
+                    let st = sys::fstatat(pfd, &cname, true).map_err(|e| err(&e))?;
+                    // An existing directory keeps its content.
+                    if sys::file_type(st.st_mode) != libc::S_IFDIR {
                         self.remove(pfd, &cname, &st)?;
+                        sys::mkdirat(pfd, &cname, 0o700).map_err(|e| format!("mkdir: {e}"))?;
                     }
-                    sys::mkdirat(pfd, &cname, 0o700).map_err(|e| format!("mkdir: {e}"))?;
                 }
+                Err(e) => return Err(format!("mkdir: {e}")),
             }
             if self.u.chown {
                 sys::lchownat(pfd, &cname, m.uid, m.gid).map_err(|e| format!("chown: {e}"))?;
             }
             self.xattrs_at(m, pfd, &cname);
             self.defer_dir(path.clone(), m);
+        } else if m.kind.is_file() || m.kind.is_contiguous() {
+            self.file(m, pfd, &cname, data)?;
         } else {
-            if let Some(st) = existing {
-                self.remove(pfd, &cname, &st)?;
-            }
-            if m.kind.is_file() || m.kind.is_contiguous() {
-                self.file(m, pfd, &cname, data)?;
-            } else {
-                self.special(m, pfd, &cname)?;
-            }
+            self.special(m, pfd, &cname)?;
         }
         self.mark_added(&path);
         Ok(())
@@ -655,13 +664,14 @@ impl Layer<'_, '_> {
         name: &CStr,
         data: &mut dyn Read,
     ) -> Result<(), String> {
-        let fd = sys::openat(
-            dir,
-            name,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            0o600,
-        )
-        .map_err(|e| format!("create: {e}"))?;
+        let fd = self.create(dir, name, || {
+            sys::openat(
+                dir,
+                name,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                0o600,
+            )
+        })?;
         let mut written = 0u64;
         let mut limited = data.take(m.size);
         loop {
@@ -701,7 +711,7 @@ impl Layer<'_, '_> {
                 return Err("symlink with an empty target".into());
             }
             let target = sys::cstr(&m.link).map_err(|e| err(&e))?;
-            sys::symlinkat(&target, dir, name).map_err(|e| format!("symlink: {e}"))?;
+            self.create(dir, name, || sys::symlinkat(&target, dir, name))?;
             if self.u.chown {
                 sys::lchownat(dir, name, m.uid, m.gid).map_err(|e| format!("chown: {e}"))?;
             }
@@ -712,7 +722,7 @@ impl Layer<'_, '_> {
                 _ => libc::S_IFIFO,
             };
             let dev = sys::makedev(m.dev.0, m.dev.1);
-            sys::mknodat(dir, name, ft | m.mode, dev).map_err(|e| format!("mknod: {e}"))?;
+            self.create(dir, name, || sys::mknodat(dir, name, ft | m.mode, dev))?;
             if self.u.chown {
                 sys::lchownat(dir, name, m.uid, m.gid).map_err(|e| format!("chown: {e}"))?;
             }
@@ -835,6 +845,24 @@ impl Layer<'_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// Runs `make` (an exclusive creation of `dir/name`); if something is in
+    /// the way, removes it (whatever it is) and runs `make` again.
+    fn create<T>(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        make: impl Fn() -> io::Result<T>,
+    ) -> Result<T, String> {
+        match make() {
+            Err(e) if errno(&e) == libc::EEXIST => {
+                let st = sys::fstatat(dir, name, true).map_err(|e| err(&e))?;
+                self.remove(dir, name, &st)?;
+                make().map_err(|e| format!("create: {e}"))
+            }
+            other => other.map_err(|e| format!("create: {e}")),
+        }
     }
 
     /// Removes an existing entry about to be replaced.

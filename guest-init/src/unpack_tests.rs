@@ -446,8 +446,17 @@ fn entries_replace_entries_of_another_type() {
         file("b", "2"),
         symlink("c", "b"),
         file("d", "3"),
+        file("e", "old"),
+        file("e", "new"),
+        file("f", "4"),
+        e("f", EntryType::Fifo),
     ])
     .unwrap();
+    assert_eq!(read(&t.p("e")), "new");
+    assert!(fs::symlink_metadata(t.p("f"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
     t.apply(&[
         file("a", "now a file"),
         dir("b/"),

@@ -433,6 +433,22 @@ pub fn build(opts: &KernelBuildOptions) -> Result<BuiltKernel, KernelError> {
     Ok(built)
 }
 
+/// The cached kernel for `opts`, if it is built (never builds).
+pub fn find_cached(opts: &KernelBuildOptions) -> Option<BuiltKernel> {
+    let tarball = opts
+        .source_tarball
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOURCE_TARBALL));
+    let key = cache_key(FRAGMENT, &SourceIdentity::of(&tarball).ok()?);
+    let entry = opts
+        .cache_dir
+        .clone()
+        .unwrap_or_else(cache_root)
+        .join("kernel")
+        .join(&key);
+    cached(&entry, &key)
+}
+
 /// The complete cache entry at `entry`, if there is one.
 fn cached(entry: &Path, key: &str) -> Option<BuiltKernel> {
     let built = BuiltKernel {

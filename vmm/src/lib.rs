@@ -17,6 +17,6 @@ mod vm;
 
 pub use boot::BootSource;
 pub use device_manager::DiskConfig;
-pub use exit::VmExit;
+pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;
 pub use vm::{run, VmConfig, VmmError};

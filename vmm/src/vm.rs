@@ -57,6 +57,9 @@ pub struct VmConfig {
     pub control: Option<UnixStream>,
     /// Give the guest a virtio-rng entropy source.
     pub entropy: bool,
+    /// Lets the caller stop the VM from another thread (`ExitSignal::exit`);
+    /// `None` when only the guest ends it.
+    pub exit_signal: Option<ExitSignal>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -187,7 +190,10 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
         started.elapsed()
     );
 
-    let exit = ExitSignal::new().map_err(host_err("the exit event"))?;
+    let exit = match config.exit_signal {
+        Some(signal) => signal,
+        None => ExitSignal::new().map_err(host_err("the exit event"))?,
+    };
     let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)

@@ -92,6 +92,7 @@ fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
         disks: Vec::new(),
         control: None,
         entropy: false,
+        exit_signal: None,
     };
     let exit = vmm::run(config).expect("the VM should start");
     let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
@@ -180,6 +181,7 @@ fn a_kernel_too_big_for_memory_is_refused() {
         disks: Vec::new(),
         control: None,
         entropy: false,
+        exit_signal: None,
     };
     let err = vmm::run(config).unwrap_err().to_string();
     std::fs::remove_file(path).unwrap();

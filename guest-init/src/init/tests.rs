@@ -63,6 +63,10 @@ fn start_with(
         eprintln!("not root: skipped");
         return None;
     }
+    if !namespaces_work(flags) {
+        eprintln!("cannot create namespaces here: skipped");
+        return None;
+    }
     let (host, guest) = UnixStream::pair().unwrap();
     host.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -77,6 +81,21 @@ fn start_with(
     }
     drop(guest);
     Some(Guest { host, pid })
+}
+
+/// Whether this process may create the namespaces (root in a container
+/// without `CAP_SYS_ADMIN` may not).
+fn namespaces_work(flags: libc::c_int) -> bool {
+    // SAFETY: the child only calls unshare and _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(i32::from(libc::unshare(flags) != 0));
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
 }
 
 /// Runs `f` as PID 1 of new pid and mount namespaces; its exit status.

@@ -1,0 +1,95 @@
+//! What every container VM boots: the guest kernel and an initramfs holding
+//! hull's init.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::initramfs;
+
+/// The file name of hull's guest init binary.
+const INIT_NAME: &str = "hull-init";
+
+/// Errors finding or preparing the guest's boot files.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The init binary is nowhere to be found.
+    #[error(
+        "hull's guest init ({INIT_NAME}) is not next to hull ({0}) and HULL_INIT is not set: \
+         build it with `cargo build` (it is part of the workspace)"
+    )]
+    NoInit(PathBuf),
+    /// A file could not be read or written.
+    #[error("{what} {path}")]
+    Io {
+        /// What hull was doing.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest kernel could not be built or found.
+    #[error(transparent)]
+    Kernel(#[from] images::KernelError),
+}
+
+/// The guest init binary: `$HULL_INIT`, else `hull-init` next to the hull executable.
+///
+/// # Errors
+/// Neither exists.
+pub fn init_binary() -> Result<PathBuf, GuestError> {
+    if let Some(path) = std::env::var_os("HULL_INIT").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("hull"));
+    let candidate = exe.with_file_name(INIT_NAME);
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(GuestError::NoInit(exe))
+    }
+}
+
+/// The guest kernel: `explicit` if given, else the cached project build
+/// (built now, with a note on stderr, if there is none yet).
+///
+/// # Errors
+/// The build failed.
+pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf, GuestError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    let opts = images::KernelBuildOptions::default();
+    if let Some(built) = images::kernel::find_cached(&opts) {
+        return Ok(built.vmlinux);
+    }
+    eprintln!("hull: building the guest kernel (once; takes a few minutes)...");
+    Ok(images::build_kernel(&opts)?.vmlinux)
+}
+
+/// An initramfs holding `init`, cached under `cache_dir` by the init's hash
+/// (so concurrent containers share one file and nothing is rebuilt per run).
+///
+/// # Errors
+/// The init cannot be read or the cache written.
+pub fn initramfs(init: &Path, cache_dir: &Path) -> Result<PathBuf, GuestError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| GuestError::Io { what, path, source }
+    };
+    let bytes = std::fs::read(init).map_err(io("cannot read the guest init", init))?;
+    let hash = hex::encode(&Sha256::digest(&bytes)[..8]);
+    let path = cache_dir.join(format!("initramfs-{hash}.cpio"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(io("cannot create", cache_dir))?;
+    let archive = initramfs::build(&bytes).map_err(io("cannot build the initramfs for", init))?;
+    // Written aside and renamed: a concurrent reader never sees half a file.
+    let tmp = cache_dir.join(format!(".initramfs-{hash}.{}", std::process::id()));
+    std::fs::write(&tmp, archive).map_err(io("cannot write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot write", &path))?;
+    Ok(path)
+}
