@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use guest_init::spec::{
-    layer_disk_serial, Compression as GuestCompression, LayerSpec, RootfsSpec, RunSpec,
-    IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL,
+    Compression as GuestCompression, LayerSpec, RootfsSpec, RunSpec, IMAGE_DISK_SERIAL,
+    LAYERS_DISK_SERIAL, SCRATCH_DISK_SERIAL,
 };
 use images::{Compression, Image, PullOptions, Store};
 
@@ -359,6 +359,7 @@ fn run_in(
             .map_or(image_disk.path.clone(), |(tmp, _)| tmp.clone()),
         read_only: image_disk.building.is_none(),
         serial: IMAGE_DISK_SERIAL.into(),
+        then: Vec::new(),
     }];
     let scratch = container_dir.join("scratch.ext4");
     disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
@@ -366,24 +367,41 @@ fn run_in(
         path: scratch,
         read_only: false,
         serial: SCRATCH_DISK_SERIAL.into(),
+        then: Vec::new(),
     });
-    if image_disk.building.is_some() {
-        let mut layers = Vec::new();
-        for (n, layer) in image.layers.iter().enumerate() {
-            let serial = layer_disk_serial(n);
-            disks_cfg.push(vmm::DiskConfig {
-                path: store.blob_path(&layer.digest),
-                read_only: true,
-                serial: serial.clone(),
-            });
-            layers.push(LayerSpec {
-                disk: serial,
-                size: layer.size,
-                compression: guest_compression(layer.compression),
-                digest: layer.digest.clone(),
-            });
-        }
-        spec.rootfs.build = Some(layers);
+    if image_disk.building.is_some() && !image.layers.is_empty() {
+        // Every layer blob, as stored, one after the other on one read-only
+        // disk: no copy, and any number of layers.
+        let paths: Vec<PathBuf> = image
+            .layers
+            .iter()
+            .map(|l| store.blob_path(&l.digest))
+            .collect();
+        let sizes: Vec<u64> = image.layers.iter().map(|l| l.size).collect();
+        let (offsets, _) = devices::virtio::concat_layout(&sizes)
+            .ok_or_else(|| usage("the image's layers are too large"))?;
+        spec.rootfs.build = Some(
+            image
+                .layers
+                .iter()
+                .zip(offsets)
+                .map(|(layer, offset)| LayerSpec {
+                    disk: LAYERS_DISK_SERIAL.into(),
+                    offset,
+                    size: layer.size,
+                    compression: guest_compression(layer.compression),
+                    digest: layer.digest.clone(),
+                })
+                .collect(),
+        );
+        disks_cfg.push(vmm::DiskConfig {
+            path: paths[0].clone(),
+            read_only: true,
+            serial: LAYERS_DISK_SERIAL.into(),
+            then: paths[1..].to_vec(),
+        });
+    } else if image_disk.building.is_some() {
+        spec.rootfs.build = Some(Vec::new());
     }
     let spec_json = serde_json::to_vec(&spec)?;
 

@@ -44,6 +44,9 @@ pub struct RootfsSpec {
 pub struct LayerSpec {
     /// virtio-blk serial of the disk.
     pub disk: String,
+    /// Where the blob starts on the disk (several layers can share one disk).
+    #[serde(default)]
+    pub offset: u64,
     /// The blob's length in bytes (the disk is padded to whole sectors).
     pub size: u64,
     /// How the tar stream is compressed.
@@ -74,6 +77,8 @@ pub const SCRATCH_DISK_SERIAL: &str = "hull-scratch";
 pub fn layer_disk_serial(n: usize) -> String {
     format!("hull-layer-{n}")
 }
+/// Serial of the disk holding every layer blob, one after the other.
+pub const LAYERS_DISK_SERIAL: &str = "hull-layers";
 
 #[cfg(test)]
 mod tests {
@@ -94,6 +99,7 @@ mod tests {
                 scratch_disk: SCRATCH_DISK_SERIAL.into(),
                 build: Some(vec![LayerSpec {
                     disk: layer_disk_serial(0),
+                    offset: 0,
                     size: 1234,
                     compression: Compression::Gzip,
                     digest: "sha256:00".into(),

@@ -337,6 +337,7 @@ fn the_init_builds_the_image_then_runs_containers_in_a_real_guest() {
     // First run: the image disk is built from the layer disk.
     let layers = vec![LayerSpec {
         disk: layer_disk_serial(0),
+        offset: 0,
         size: blob.len() as u64,
         compression: Compression::Gzip,
         digest: "sha256:test".into(),

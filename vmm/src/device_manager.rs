@@ -34,6 +34,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The serial the guest sees (`/sys/block/vdX/serial`), at most 20 bytes.
     pub serial: String,
+    /// More files that follow `path` on the same (read-only) disk, each from
+    /// a sector boundary: see [`devices::virtio::concat_layout`].
+    pub then: Vec<PathBuf>,
 }
 
 /// Errors attaching devices.
@@ -76,7 +79,7 @@ pub enum DeviceError {
 /// Devices whose host resources are open, ready to be placed in a VM.
 #[derive(Debug)]
 pub struct PendingDevices {
-    disks: Vec<(File, bool, String)>,
+    disks: Vec<(Vec<File>, bool, String)>,
     control: Option<UnixStream>,
     entropy: bool,
 }
@@ -107,15 +110,29 @@ impl PendingDevices {
                 if d.serial.len() > 20 {
                     return Err(DeviceError::Serial(d.serial.clone()));
                 }
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(!d.read_only)
-                    .open(&d.path)
-                    .map_err(|source| DeviceError::OpenDisk {
-                        path: d.path.clone(),
-                        source,
-                    })?;
-                Ok((file, d.read_only, d.serial.clone()))
+                if !d.then.is_empty() && !d.read_only {
+                    return Err(DeviceError::Create {
+                        what: "virtio-blk",
+                        detail: format!(
+                            "disk {} concatenates files but is not read-only",
+                            d.serial
+                        ),
+                    });
+                }
+                let files = std::iter::once(&d.path)
+                    .chain(&d.then)
+                    .map(|path| {
+                        OpenOptions::new()
+                            .read(true)
+                            .write(!d.read_only)
+                            .open(path)
+                            .map_err(|source| DeviceError::OpenDisk {
+                                path: path.clone(),
+                                source,
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((files, d.read_only, d.serial.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
@@ -183,8 +200,13 @@ impl PendingDevices {
             transports.push(transport);
             Ok(())
         };
-        for (file, read_only, serial) in self.disks {
-            let blk = Block::new(file, read_only, &serial).map_err(|e| DeviceError::Create {
+        for (mut files, read_only, serial) in self.disks {
+            let created = if files.len() == 1 {
+                Block::new(files.remove(0), read_only, &serial)
+            } else {
+                Block::new_concat(files, &serial).map(|(blk, _)| blk)
+            };
+            let blk = created.map_err(|e| DeviceError::Create {
                 what: "virtio-blk",
                 detail: e.to_string(),
             })?;
@@ -234,6 +256,7 @@ mod tests {
             path: "/nonexistent/disk".into(),
             read_only: true,
             serial: "x".into(),
+            then: Vec::new(),
         };
         let err = PendingDevices::open(&[missing], None, false).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/disk"), "{err}");
@@ -241,6 +264,7 @@ mod tests {
             path: "/dev/null".into(),
             read_only: true,
             serial: "x".repeat(21),
+            then: Vec::new(),
         };
         assert!(matches!(
             PendingDevices::open(&[long], None, false),
@@ -250,7 +274,8 @@ mod tests {
             DiskConfig {
                 path: "/dev/null".into(),
                 read_only: true,
-                serial: "d".into()
+                serial: "d".into(),
+                then: Vec::new(),
             };
             MAX_DEVICES
         ];
@@ -258,5 +283,12 @@ mod tests {
             PendingDevices::open(&many, None, true),
             Err(DeviceError::TooMany(_))
         ));
+        let writable_concat = DiskConfig {
+            path: "/dev/null".into(),
+            read_only: false,
+            serial: "c".into(),
+            then: vec!["/dev/null".into()],
+        };
+        assert!(PendingDevices::open(&[writable_concat], None, false).is_err());
     }
 }

@@ -59,6 +59,22 @@ struct Disk {
     /// Capacity in bytes: the file length rounded up to a sector.
     capacity: u64,
     serial: [u8; ID_LEN],
+    /// Further read-only files that follow `file` on the disk, each starting
+    /// on a sector boundary: (disk offset, length, file).
+    more: Vec<(u64, u64, File)>,
+}
+
+/// Where files of `lengths` bytes start when concatenated on a disk, each on
+/// a sector boundary, and the disk's size; `None` on overflow.
+#[must_use]
+pub fn concat_layout(lengths: &[u64]) -> Option<(Vec<u64>, u64)> {
+    let mut offsets = Vec::with_capacity(lengths.len());
+    let mut end = 0u64;
+    for len in lengths {
+        offsets.push(end);
+        end = end.checked_add(len.div_ceil(SECTOR_SIZE).checked_mul(SECTOR_SIZE)?)?;
+    }
+    Some((offsets, end))
 }
 
 /// A virtio-blk device (one request queue) serving a host file.
@@ -109,6 +125,7 @@ impl Block {
                 file_len,
                 capacity: sectors * SECTOR_SIZE,
                 serial: id,
+                more: Vec::new(),
             },
             avail_features,
             acked_features: 0,
@@ -116,6 +133,37 @@ impl Block {
             events: QueueEvents::new().map_err(BlockError::EventFd)?,
             active: None,
         })
+    }
+
+    /// A read-only disk showing `files` one after the other, each starting
+    /// on a sector boundary (zeros in between); returns the device and the
+    /// byte offset of each file on the disk.
+    ///
+    /// This is how a VM gets any number of image layers through one device
+    /// without copying them into a single file.
+    ///
+    /// # Errors
+    /// No file, a size cannot be read, or an eventfd cannot be created.
+    pub fn new_concat(files: Vec<File>, serial: &str) -> Result<(Self, Vec<u64>), BlockError> {
+        let mut files = files.into_iter();
+        let first = files
+            .next()
+            .ok_or_else(|| BlockError::Size(io::Error::other("no file to concatenate")))?;
+        let mut dev = Self::new(first, true, serial)?;
+        let mut lengths = vec![dev.disk.file_len];
+        for mut file in files {
+            let len = file.seek(SeekFrom::End(0)).map_err(BlockError::Size)?;
+            lengths.push(len);
+            dev.disk.more.push((0, len, file));
+        }
+        let too_large = || BlockError::Size(io::Error::other("disk too large"));
+        let (offsets, end) = concat_layout(&lengths).ok_or_else(too_large)?;
+        for (entry, start) in dev.disk.more.iter_mut().zip(&offsets[1..]) {
+            entry.0 = *start;
+        }
+        dev.disk.capacity = end;
+        dev.config[0..8].copy_from_slice(&(end / SECTOR_SIZE).to_le_bytes());
+        Ok((dev, offsets))
     }
 
     /// Capacity in 512-byte sectors.
@@ -291,6 +339,25 @@ impl Disk {
         (end <= self.capacity).then_some(offset)
     }
 
+    /// Where disk bytes `[pos, pos + want)` come from: how many bytes (at
+    /// least 1) can be taken in one go, and from which file at which file
+    /// offset (index 0 is `file`, then `more`), or `None` for zeros.
+    fn locate(&self, pos: u64, want: u64) -> (u64, Option<(usize, u64)>) {
+        if pos < self.file_len {
+            return (want.min(self.file_len - pos), Some((0, pos)));
+        }
+        let mut next_start = u64::MAX;
+        for (i, (start, len, _)) in self.more.iter().enumerate() {
+            if pos >= *start && pos - start < *len {
+                return (want.min(len - (pos - start)), Some((i + 1, pos - start)));
+            }
+            if *start > pos {
+                next_start = next_start.min(*start);
+            }
+        }
+        (want.min(next_start - pos), None)
+    }
+
     /// Disk bytes `[offset, offset + len)` into the buffers.
     fn read(
         &mut self,
@@ -300,15 +367,30 @@ impl Disk {
         len: u64,
     ) -> io::Result<()> {
         for_each_piece(bufs, 0, len, |addr, n| {
-            let from_file =
-                usize::try_from(self.file_len.saturating_sub(offset)).map_or(n, |left| left.min(n));
-            if from_file > 0 {
-                self.file.seek(SeekFrom::Start(offset))?;
-                mem.read_exact_volatile_from(addr, &mut self.file, from_file)
-                    .map_err(io::Error::other)?;
+            let mut done = 0usize;
+            while done < n {
+                let (k, from) = self.locate(offset, (n - done) as u64);
+                // `k` is at most `n - done`, a usize.
+                let k = usize::try_from(k).unwrap_or(n - done);
+                match from {
+                    Some((i, at)) => {
+                        let file = if i == 0 {
+                            &mut self.file
+                        } else {
+                            &mut self.more[i - 1].2
+                        };
+                        file.seek(SeekFrom::Start(at))?;
+                        let dst = addr
+                            .checked_add(done as u64)
+                            .ok_or_else(|| io::Error::other("guest address overflow"))?;
+                        mem.read_exact_volatile_from(dst, file, k)
+                            .map_err(io::Error::other)?;
+                    }
+                    None => zero(mem, addr, done, done + k)?,
+                }
+                done += k;
+                offset += k as u64;
             }
-            zero(mem, addr, from_file, n)?;
-            offset += n as u64;
             Ok(())
         })
     }
@@ -412,6 +494,40 @@ impl MutEventSubscriber for Block {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.events.init(ops, NAME);
+    }
+}
+
+#[cfg(test)]
+mod concat_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_with(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn concatenated_files_start_on_sector_boundaries() {
+        let (dev, offsets) = Block::new_concat(
+            vec![
+                file_with(&[1u8; 700]),
+                file_with(&[2u8; 10]),
+                file_with(&[3u8; 512]),
+            ],
+            "layers",
+        )
+        .unwrap();
+        assert_eq!(offsets, vec![0, 1024, 1536]);
+        assert_eq!(dev.capacity(), 4);
+        assert!(dev.avail_features & (1 << VIRTIO_BLK_F_RO) != 0);
+        assert_eq!(dev.disk.locate(0, 2048), (700, Some((0, 0))));
+        assert_eq!(dev.disk.locate(700, 2048), (324, None));
+        assert_eq!(dev.disk.locate(1024, 2048), (10, Some((1, 0))));
+        assert_eq!(dev.disk.locate(1030, 2), (2, Some((1, 6))));
+        assert_eq!(dev.disk.locate(1034, 2048), (502, None));
+        assert_eq!(dev.disk.locate(1536, 2048), (512, Some((2, 0))));
     }
 }
 

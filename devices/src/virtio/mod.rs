@@ -78,7 +78,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use block::{Block, BlockError, SECTOR_SIZE};
+pub use block::{concat_layout, Block, BlockError, SECTOR_SIZE};
 pub use console::Console;
 pub use mmio::{mmio_cmdline_fragment, MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;

@@ -197,7 +197,8 @@ fn build_image(
 /// # Errors
 /// `dev` cannot be opened, or the zstd decoder cannot start.
 pub fn open_layer(dev: &str, layer: &LayerSpec) -> io::Result<Box<dyn Read>> {
-    let disk = fs::File::open(dev)?;
+    let mut disk = fs::File::open(dev)?;
+    std::io::Seek::seek(&mut disk, std::io::SeekFrom::Start(layer.offset))?;
     let raw = BufReader::with_capacity(1 << 20, disk.take(layer.size));
     Ok(match layer.compression {
         Compression::None => Box::new(raw),

@@ -354,11 +354,15 @@ fn layer_file(dir: &Path, serial: &str, tar: &[u8], compression: Compression) ->
         }
         Compression::Zstd => zstd::encode_all(tar, 1).unwrap(),
     };
-    let mut disk = blob.clone();
-    disk.resize(blob.len().div_ceil(512) * 512 + 512, 0xab);
+    // The blob sits one sector into its disk, as a later layer does on the
+    // shared layers disk, with garbage around it.
+    let mut disk = vec![0xcd; 512];
+    disk.extend_from_slice(&blob);
+    disk.resize(disk.len().div_ceil(512) * 512 + 512, 0xab);
     std::fs::write(dir.join(serial), disk).unwrap();
     LayerSpec {
         disk: serial.into(),
+        offset: 512,
         size: blob.len() as u64,
         compression,
         digest: format!("sha256:{serial}"),
