@@ -69,8 +69,10 @@ pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf, GuestError> {
     Ok(images::build_kernel(&opts)?.vmlinux)
 }
 
-/// An initramfs holding `init`, cached under `cache_dir` by the init's hash
-/// (so concurrent containers share one file and nothing is rebuilt per run).
+/// An initramfs holding `init`, cached under `cache_dir` by the init file's
+/// identity (inode, size, mtime: cheap, where hashing megabytes on every run
+/// is not), so concurrent containers share one file and nothing is rebuilt
+/// per run.
 ///
 /// # Errors
 /// The init cannot be read or the cache written.
@@ -79,12 +81,22 @@ pub fn initramfs(init: &Path, cache_dir: &Path) -> Result<PathBuf, GuestError> {
         let path = path.to_path_buf();
         move |source| GuestError::Io { what, path, source }
     };
-    let bytes = std::fs::read(init).map_err(io("cannot read the guest init", init))?;
-    let hash = hex::encode(&Sha256::digest(&bytes)[..8]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(init).map_err(io("cannot read the guest init", init))?;
+    let identity = format!(
+        "{}|{}|{}|{}.{}",
+        init.display(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
+    let hash = hex::encode(&Sha256::digest(identity.as_bytes())[..8]);
     let path = cache_dir.join(format!("initramfs-{hash}.cpio"));
     if path.is_file() {
         return Ok(path);
     }
+    let bytes = std::fs::read(init).map_err(io("cannot read the guest init", init))?;
     std::fs::create_dir_all(cache_dir).map_err(io("cannot create", cache_dir))?;
     let archive = initramfs::build(&bytes).map_err(io("cannot build the initramfs for", init))?;
     // Written aside and renamed: a concurrent reader never sees half a file.

@@ -431,6 +431,7 @@ fn run_in(
         exit_signal: Some(exit_signal.clone()),
     };
     let prep_ms = started.elapsed().as_millis();
+    tracing::debug!("host prep done in {prep_ms} ms (image, disks, initramfs)");
     let signals = forwarded_signals_fd()?;
     let vm_started = Instant::now();
     let vm = std::thread::Builder::new()

@@ -30,15 +30,20 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// Where [`EmulatedHost::with_hull`] puts the hull binary in the emulated host.
 pub const HULL_IN_HOST: &str = "/usr/local/bin/hull";
+/// Where [`EmulatedHost::with_hull_runtime`] puts hull's guest init in the
+/// emulated host: next to hull, where hull looks for it.
+pub const HULL_INIT_IN_HOST: &str = "/usr/local/bin/hull-init";
 /// Where [`EmulatedHost::with_test_kernel`] puts the guest kernel in the emulated host.
 pub const KERNEL_IN_HOST: &str = "/opt/hull/vmlinux";
 
@@ -69,7 +74,10 @@ pub fn stripped(binary: &Path) -> PathBuf {
             return out;
         }
     }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per call: tests of one process may strip the same binary at once.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let tmp = out.with_extension(format!("tmp{}-{call}", std::process::id()));
     let ok = Command::new("strip")
         .arg("-o")
         .arg(&tmp)
@@ -87,6 +95,70 @@ pub fn stripped(binary: &Path) -> PathBuf {
         );
         binary.to_path_buf()
     }
+}
+
+/// hull's guest init, `hull-init`, built next to [`hull_bin`] (it is another
+/// binary of the workspace, so cargo does not build it for the root package's
+/// tests).
+///
+/// # Panics
+/// When it is missing.
+pub fn hull_init_bin() -> PathBuf {
+    let init = hull_bin().with_file_name("hull-init");
+    assert!(
+        init.is_file(),
+        "{} is missing: build the whole workspace first (`cargo build --workspace`; \
+         `./dev test` does)",
+        init.display()
+    );
+    init
+}
+
+/// What `mkfs.ext4` needs in the emulated host, as (file here, path there):
+/// e2fsprogs' `mke2fs` as `/sbin/mkfs.ext4`, `/etc/mke2fs.conf`, and the shared
+/// libraries `ldd` lists for it (with the dynamic loader) at their own paths.
+/// hull formats its disks with `mkfs.ext4`.
+///
+/// # Panics
+/// When `mke2fs` or `ldd` is missing.
+pub fn mkfs_ext4_files() -> Vec<(PathBuf, String)> {
+    let mke2fs = ["/sbin/mke2fs", "/usr/sbin/mke2fs"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("mke2fs is missing: apt-get install e2fsprogs");
+    let mut files = vec![(mke2fs.clone(), String::from("/sbin/mkfs.ext4"))];
+    if Path::new("/etc/mke2fs.conf").is_file() {
+        files.push((PathBuf::from("/etc/mke2fs.conf"), "/etc/mke2fs.conf".into()));
+    }
+    let out = Command::new("ldd")
+        .arg(&mke2fs)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ldd {}: {e}", mke2fs.display()));
+    assert!(
+        out.status.success(),
+        "ldd {} failed: {}",
+        mke2fs.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `libx.so.1 => /lib/.../libx.so.1 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`;
+        // the vDSO has no file.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push((PathBuf::from(path), path.to_owned()));
+        }
+    }
+    assert!(
+        files.iter().any(|(_, d)| d.contains("libext2fs")),
+        "ldd {} listed no libext2fs:\n{}",
+        mke2fs.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    files
 }
 
 /// The repository root.
@@ -177,6 +249,21 @@ impl EmulatedHost {
     /// The test guest kernel (`HULL_TEST_KERNEL`) at [`KERNEL_IN_HOST`].
     pub fn with_test_kernel(self) -> Self {
         self.file(test_kernel(), KERNEL_IN_HOST)
+    }
+
+    /// All that `hull run` needs: stripped hull and hull-init at
+    /// [`HULL_IN_HOST`] and [`HULL_INIT_IN_HOST`], the test kernel at
+    /// [`KERNEL_IN_HOST`] (give it with `HULL_KERNEL`), and `mkfs.ext4` with its
+    /// libraries ([`mkfs_ext4_files`]; on `PATH` with `/sbin`).
+    pub fn with_hull_runtime(self) -> Self {
+        let mut host = self
+            .with_stripped_hull()
+            .file(stripped(&hull_init_bin()), HULL_INIT_IN_HOST)
+            .with_test_kernel();
+        for (src, dest) in mkfs_ext4_files() {
+            host = host.file(src, &dest);
+        }
+        host
     }
 
     /// Number of vCPUs of the emulated host.
@@ -533,5 +620,287 @@ impl Drop for CpuSlots {
         let mut used = SLOTS_USED.lock().unwrap_or_else(PoisonError::into_inner);
         *used = used.saturating_sub(self.weight);
         SLOTS_FREED.notify_all();
+    }
+}
+
+// ------------------------------------------------------- images and registry --
+
+/// Panics, saying what to install, unless every `(tool, version flag, package)` runs.
+pub fn require_tools(tools: &[(&str, &str, &str)]) {
+    for &(tool, arg, package) in tools {
+        match Command::new(tool).arg(arg).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "`{tool} {arg}` failed ({}): {}; reinstall it with `apt-get install {package}`",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!(
+                "{tool} is required by this test but cannot be run ({e}); install it with \
+                 `apt-get install {package}`"
+            ),
+        }
+    }
+}
+
+/// docker-registry, skopeo and umoci (for [`Registry`] and [`OciImage`]).
+pub fn require_image_tools() {
+    require_tools(&[
+        ("docker-registry", "--version", "docker-registry"),
+        ("skopeo", "--version", "skopeo"),
+        ("umoci", "--version", "umoci"),
+    ]);
+}
+
+/// Runs `cmd`; panics with its output unless it succeeds.
+#[track_caller]
+pub fn run_checked(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn is_root() -> bool {
+    // Without libc: root's files in /proc/self are owned by uid 0.
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self")) == 0
+}
+
+/// A real registry (Debian's `docker-registry`, the CNCF distribution
+/// registry) on a free loopback port, storing under `dir`; killed when dropped.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    data: PathBuf,
+}
+
+impl Registry {
+    /// Starts one and waits until it answers `GET /v2/`.
+    pub fn start(dir: &Path) -> Registry {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            l.local_addr().expect("local addr").port()
+        };
+        let data = dir.join("data");
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            data.display()
+        );
+        let cfg_path = dir.join("registry.yml");
+        std::fs::write(&cfg_path, cfg).expect("write registry config");
+        let log = dir.join("registry.log");
+        let logf = std::fs::File::create(&log).expect("registry log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log"))
+            .stderr(logf)
+            .spawn()
+            .expect("start docker-registry (apt-get install docker-registry)");
+        let reg = Registry {
+            child,
+            port,
+            log,
+            data,
+        };
+        reg.wait_ready();
+        reg
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Where the registry keeps the blob `sha256:<hex>` on disk.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.data
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// The registry's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let req = format!(
+                    "GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+                    self.port
+                );
+                if s.write_all(req.as_bytes()).is_ok() {
+                    let mut resp = String::new();
+                    let _ = s.read_to_string(&mut resp);
+                    if resp.starts_with("HTTP/1.1 200") {
+                        return;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "docker-registry did not answer on port {} within 15 s; its log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An OCI image layout with one image (tag `latest`), built with `umoci`.
+#[derive(Debug, Clone)]
+pub struct OciImage {
+    /// The layout directory.
+    pub layout: PathBuf,
+    bundle: PathBuf,
+}
+
+impl OciImage {
+    /// An empty image (no layers, empty config) in `dir/layout`.
+    pub fn new(dir: &Path) -> Self {
+        let img = Self {
+            layout: dir.join("layout"),
+            bundle: dir.join("bundle"),
+        };
+        run_checked(
+            Command::new("umoci")
+                .args(["init", "--layout"])
+                .arg(&img.layout),
+        );
+        run_checked(Command::new("umoci").args(["new", "--image", &img.image_ref()]));
+        img
+    }
+
+    /// `LAYOUT:latest`, as umoci names the image.
+    pub fn image_ref(&self) -> String {
+        format!("{}:latest", self.layout.display())
+    }
+
+    /// Adds a layer: the image is unpacked, `edit` changes its root file
+    /// system (the directory it is given), and umoci stores the difference
+    /// (deleted files become `.wh.` whiteouts).
+    pub fn layer(&self, edit: impl FnOnce(&Path)) -> &Self {
+        let rootless: &[&str] = if is_root() { &[] } else { &["--rootless"] };
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        run_checked(
+            Command::new("umoci")
+                .arg("unpack")
+                .args(rootless)
+                .args(["--image", &self.image_ref()])
+                .arg(&self.bundle),
+        );
+        edit(&self.bundle.join("rootfs"));
+        run_checked(
+            Command::new("umoci")
+                .args(["repack", "--image", &self.image_ref()])
+                .arg(&self.bundle),
+        );
+        std::fs::remove_dir_all(&self.bundle).expect("remove the umoci bundle");
+        self
+    }
+
+    /// Adds the uncompressed tar file `tar` as a layer, verbatim.
+    pub fn raw_layer(&self, tar: &Path) -> &Self {
+        run_checked(
+            Command::new("umoci")
+                .args(["raw", "add-layer", "--image", &self.image_ref()])
+                .arg(tar),
+        );
+        self
+    }
+
+    /// `umoci config` with `args` (e.g. `--config.env`, `FOO=bar`).
+    pub fn config(&self, args: &[&str]) -> &Self {
+        run_checked(
+            Command::new("umoci")
+                .args(["config", "--image", &self.image_ref()])
+                .args(args),
+        );
+        self
+    }
+
+    /// Drops unreferenced blobs and pushes the image to `registry` as
+    /// `NAME:latest` with skopeo; returns the reference
+    /// `127.0.0.1:PORT/NAME:latest`.
+    pub fn push(&self, registry: &Registry, name: &str) -> String {
+        run_checked(
+            Command::new("umoci")
+                .args(["gc", "--layout"])
+                .arg(&self.layout),
+        );
+        let reference = format!("{}/{name}:latest", registry.host());
+        run_checked(
+            Command::new("skopeo")
+                .args([
+                    "--insecure-policy",
+                    "copy",
+                    "--quiet",
+                    "--dest-tls-verify=false",
+                ])
+                .arg(format!("oci:{}", self.image_ref()))
+                .arg(format!("docker://{reference}")),
+        );
+        reference
+    }
+
+    /// The digest (`sha256:<hex>`) of the image's manifest, from `index.json`.
+    pub fn manifest_digest(&self) -> String {
+        let index = std::fs::read_to_string(self.layout.join("index.json")).expect("index.json");
+        json_string_after(&index, "\"digest\"").expect("a digest in index.json")
+    }
+
+    /// The file of blob `sha256:<hex>` in the layout.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.layout.join("blobs/sha256").join(hex)
+    }
+}
+
+/// The first JSON string value after `key` in `json` (enough for the small,
+/// flat documents umoci writes; use serde_json for more).
+fn json_string_after(json: &str, key: &str) -> Option<String> {
+    let rest = &json[json.find(key)? + key.len()..];
+    let rest = &rest[rest.find('"')? + 1..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// Fills `rootfs` with busybox-static (`/bin/busybox` of this host) as
+/// `/bin/busybox` and a `/bin/NAME` symlink for each of its applets.
+pub fn install_busybox(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static must be installed (apt-get install busybox-static)");
+    let out = run_checked(Command::new("/bin/busybox").arg("--list"));
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet symlink");
+        }
     }
 }
