@@ -20,6 +20,28 @@ pub struct Cli {
 pub enum Command {
     /// Run a command in a new container, in its own microVM.
     Run(RunArgs),
+    /// Run a command in a running container.
+    Exec(ExecArgs),
+    /// List containers.
+    Ps(PsArgs),
+    /// Print a container's output.
+    Logs(LogsArgs),
+    /// Stop containers (SIGTERM, then SIGKILL after the grace period).
+    Stop(StopArgs),
+    /// Send a signal to containers.
+    Kill(KillArgs),
+    /// Wait for containers to end; print their exit codes.
+    Wait(ContainersArg),
+    /// Remove containers.
+    Rm(RmArgs),
+    /// Show containers' details as JSON.
+    Inspect(ContainersArg),
+    /// Manage containers.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Run a container's monitor (internal: started by `hull run`).
+    #[command(name = "__monitor", hide = true)]
+    Monitor(MonitorArgs),
     /// Pull an image from a registry.
     Pull(PullArgs),
     /// Log in to a registry (credentials go to docker's config.json).
@@ -132,6 +154,12 @@ pub struct RunArgs {
     /// Keep stdin open and forward it to the container.
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Give the container a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Run in the background and print the container id.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
     /// Pull without TLS (plain HTTP) if the image must be pulled.
     #[arg(long)]
     pub insecure: bool,
@@ -215,4 +243,114 @@ pub enum ImageCommand {
     Ls(ImagesArgs),
     /// Remove images (as `hull rmi`).
     Rm(RmiArgs),
+}
+
+/// One or more containers (names, ids or id prefixes).
+#[derive(Debug, Args)]
+pub struct ContainersArg {
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `hull exec`.
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+pub struct ExecArgs {
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the process a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Set an environment variable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// User.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// The container.
+    pub container: String,
+    /// The command and its arguments.
+    #[arg(required = true)]
+    pub command: Vec<String>,
+}
+
+/// `hull ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Show all containers (default: running ones).
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Only print container ids.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// `hull logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Keep printing new output until the container ends.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only the last N chunks of output.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    /// The container.
+    pub container: String,
+}
+
+/// `hull stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub time: u64,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `hull kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The signal (name like TERM or SIGTERM, or number).
+    #[arg(short = 's', long, default_value = "KILL")]
+    pub signal: String,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `hull rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Kill running containers first.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Containers.
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+/// `hull container ...`.
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Remove every stopped container.
+    Prune,
+    /// List containers (as `hull ps`).
+    Ls(PsArgs),
+}
+
+/// `hull __monitor`.
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Hold the command until a client attaches (foreground runs).
+    #[arg(long)]
+    pub wait_attach: bool,
+    /// The container id.
+    pub id: String,
 }

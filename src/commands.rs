@@ -5,9 +5,11 @@ use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use crate::cli::{
-    BootArgs, Command, ImageCommand, ImagesArgs, ImportArgs, KernelBuildArgs, KernelCommand,
-    LoadArgs, LoginArgs, PullArgs, RmiArgs,
+    BootArgs, Command, ContainerCommand, ContainersArg, ExecArgs, ImageCommand, ImagesArgs,
+    ImportArgs, KernelBuildArgs, KernelCommand, KillArgs, LoadArgs, LoginArgs, LogsArgs, PsArgs,
+    PullArgs, RmArgs, RmiArgs, StopArgs,
 };
+use crate::container::{Container, Containers, Status};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -17,6 +19,19 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Run(args) => {
             let code = crate::run::run(&args, debug)?;
             Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+        }
+        Command::Exec(args) => exec(&args, debug),
+        Command::Ps(args) | Command::Container(ContainerCommand::Ls(args)) => ps(&args),
+        Command::Logs(args) => logs(&args),
+        Command::Stop(args) => stop(&args),
+        Command::Kill(args) => kill(&args),
+        Command::Wait(args) => wait(&args),
+        Command::Rm(args) => rm(&args),
+        Command::Inspect(args) => inspect(&args),
+        Command::Container(ContainerCommand::Prune) => container_prune(),
+        Command::Monitor(args) => {
+            crate::monitor::run(&args.id, args.wait_attach, debug)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Pull(args) => pull(&args),
         Command::Login(args) => login(&args),
@@ -87,6 +102,308 @@ fn kernel_build(args: &KernelBuildArgs) -> Result<ExitCode> {
 
 fn store() -> Result<images::Store> {
     Ok(images::Store::open(None)?)
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
+}
+
+/// Runs `each` on every named container; reports failures per container
+/// (as docker does) and fails at the end if any did.
+fn for_each_container(
+    keys: &[String],
+    mut each: impl FnMut(&images::Store, &Container) -> Result<()>,
+) -> Result<ExitCode> {
+    let store = store()?;
+    let containers = Containers::new(store.root());
+    let mut failed = false;
+    for key in keys {
+        let result = containers
+            .find(key)
+            .map_err(Into::into)
+            .and_then(|c| each(&store, &c));
+        if let Err(e) = result {
+            eprintln!("hull: {}", crate::error_chain(e.as_ref()));
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
+    let store = store()?;
+    let container = Containers::new(store.root()).find(&args.container)?;
+    let spec = guest_init::spec::ExecSpec {
+        args: args.command.clone(),
+        env: args.env.clone(),
+        cwd: args.workdir.clone(),
+        user: args.user.clone(),
+        tty: args.tty,
+        stdin: args.interactive,
+    };
+    Ok(exit_code(crate::client::exec(
+        &store, &container, spec, debug,
+    )?))
+}
+
+/// How long since `secs`, docker style ("5 seconds", "3 minutes").
+fn since(secs: u64) -> String {
+    let d = crate::container::now().saturating_sub(secs);
+    match d {
+        0..=59 => format!("{d} seconds"),
+        60..=3599 => format!("{} minutes", d / 60),
+        3600..=86_399 => format!("{} hours", d / 3600),
+        _ => format!("{} days", d / 86_400),
+    }
+}
+
+fn ago(secs: u64) -> String {
+    format!("{} ago", since(secs))
+}
+
+fn ps(args: &PsArgs) -> Result<ExitCode> {
+    let store = store()?;
+    let list = Containers::new(store.root()).list()?;
+    if !args.quiet {
+        println!(
+            "{:<14} {:<24} {:<24} {:<16} {:<24} NAMES",
+            "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+        );
+    }
+    for c in list {
+        let state = c.state()?;
+        if !args.all && state.status != Status::Running {
+            continue;
+        }
+        if args.quiet {
+            println!("{}", c.short_id());
+            continue;
+        }
+        let status = match state.status {
+            Status::Created => "Created".to_string(),
+            Status::Running => format!("Up {}", since(state.started.unwrap_or(c.config.created))),
+            Status::Exited => format!(
+                "Exited ({}) {}",
+                state.exit_code.unwrap_or(-1),
+                ago(state.finished.unwrap_or(c.config.created))
+            ),
+        };
+        let mut command = format!("\"{}\"", c.config.spec.args.join(" "));
+        if command.len() > 22 {
+            command.truncate(20);
+            command.push_str("…\"");
+        }
+        println!(
+            "{:<14} {:<24} {:<24} {:<16} {:<24} {}",
+            c.short_id(),
+            c.config.image,
+            command,
+            ago(c.config.created),
+            status,
+            c.config.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the log lines in `text` to stdout/stderr by stream.
+fn print_log_lines(text: &str) {
+    use std::io::Write;
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let log = v.get("log").and_then(|l| l.as_str()).unwrap_or_default();
+        if v.get("stream").and_then(|s| s.as_str()) == Some("stderr") {
+            let _ = std::io::stderr().write_all(log.as_bytes());
+        } else {
+            let _ = std::io::stdout().write_all(log.as_bytes());
+        }
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn logs(args: &LogsArgs) -> Result<ExitCode> {
+    use std::io::{Read, Seek};
+    let store = store()?;
+    let container = Containers::new(store.root()).find(&args.container)?;
+    let path = container.path(crate::container::files::LOG);
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !args.follow => {
+            return Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            std::fs::File::open(&path)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    let mut pos = complete as u64;
+    let lines: Vec<&str> = text[..complete].lines().collect();
+    let skip = args.tail.map_or(0, |n| lines.len().saturating_sub(n));
+    print_log_lines(&lines[skip..].join("\n"));
+    if !args.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let running = container.state()?.status == Status::Running;
+        file.seek(std::io::SeekFrom::Start(pos))?;
+        let mut more = String::new();
+        file.read_to_string(&mut more)?;
+        if let Some(end) = more.rfind('\n') {
+            print_log_lines(&more[..=end]);
+            pos += end as u64 + 1;
+        }
+        if !running {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn stop(args: &StopArgs) -> Result<ExitCode> {
+    for_each_container(&args.containers, |store, c| {
+        crate::client::stop(store, c, args.time)?;
+        println!("{}", c.config.name);
+        Ok(())
+    })
+}
+
+/// A signal by name (`TERM`, `SIGTERM`) or number.
+fn parse_signal(text: &str) -> Result<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let name = text.trim_start_matches("SIG").to_ascii_uppercase();
+    let known = [
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("KILL", libc::SIGKILL),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("TERM", libc::SIGTERM),
+        ("STOP", libc::SIGSTOP),
+        ("CONT", libc::SIGCONT),
+        ("WINCH", libc::SIGWINCH),
+        ("ALRM", libc::SIGALRM),
+        ("PIPE", libc::SIGPIPE),
+    ];
+    known
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| format!("invalid signal {text:?}: use a name like TERM or a number").into())
+}
+
+fn kill(args: &KillArgs) -> Result<ExitCode> {
+    let sig = parse_signal(&args.signal)?;
+    for_each_container(&args.containers, |store, c| {
+        if c.state()?.status != Status::Running {
+            return Err(format!("container {} is not running", c.config.name).into());
+        }
+        crate::client::signal(store, c, sig)?;
+        println!("{}", c.config.name);
+        Ok(())
+    })
+}
+
+fn wait(args: &ContainersArg) -> Result<ExitCode> {
+    for_each_container(&args.containers, |_, c| {
+        let code = crate::client::wait_exited(c).ok_or("cannot read the container's state")?;
+        println!("{code}");
+        Ok(())
+    })
+}
+
+fn rm(args: &RmArgs) -> Result<ExitCode> {
+    for_each_container(&args.containers, |store, c| {
+        if c.state()?.status == Status::Running {
+            if !args.force {
+                return Err(format!(
+                    "container {} is running: stop it first, or use `hull rm -f`",
+                    c.config.name
+                )
+                .into());
+            }
+            crate::client::stop(store, c, 0)?;
+        }
+        Containers::new(store.root()).remove(c)?;
+        println!("{}", c.config.name);
+        Ok(())
+    })
+}
+
+fn container_prune() -> Result<ExitCode> {
+    let store = store()?;
+    let containers = Containers::new(store.root());
+    let mut freed = 0;
+    for c in containers.list()? {
+        if c.state()?.status == Status::Exited {
+            freed += containers.remove(&c)?;
+            println!("Deleted: {}", c.config.id);
+        }
+    }
+    println!("Total reclaimed space: {}", human_size(freed));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(args: &ContainersArg) -> Result<ExitCode> {
+    let mut out = Vec::new();
+    let code = for_each_container(&args.containers, |_, c| {
+        let state = c.state()?;
+        out.push(serde_json::json!({
+            "Id": c.config.id,
+            "Name": c.config.name,
+            "Created": c.config.created,
+            "Image": c.config.image,
+            "ImageId": c.config.image_id,
+            "Config": {
+                "Cmd": c.config.spec.args,
+                "Env": c.config.spec.env,
+                "WorkingDir": c.config.spec.cwd,
+                "User": c.config.spec.user,
+                "Hostname": c.config.spec.hostname,
+                "Tty": c.config.spec.tty,
+                "OpenStdin": c.config.spec.stdin,
+            },
+            "State": {
+                "Status": state.status,
+                "Running": state.status == Status::Running,
+                "Pid": state.pid,
+                "ExitCode": state.exit_code,
+                "Error": state.error,
+                "StartedAt": state.started,
+                "FinishedAt": state.finished,
+            },
+            "HostConfig": {
+                "Memory": c.config.memory_mib << 20,
+                "Cpus": c.config.cpus,
+                "AutoRemove": c.config.auto_remove,
+                "Kernel": c.config.kernel,
+            },
+            "Mounts": [
+                { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH) }
+            ],
+            "LogPath": c.path(crate::container::files::LOG),
+        }));
+        Ok(())
+    })?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(code)
 }
 
 fn pull(args: &PullArgs) -> Result<ExitCode> {

@@ -4,10 +4,13 @@
 //! it knows nothing of KVM itself.
 
 mod cli;
+mod client;
 mod commands;
+mod container;
 mod disks;
 mod guest;
 mod initramfs;
+mod monitor;
 mod run;
 mod session;
 
@@ -31,7 +34,7 @@ fn main() -> ExitCode {
 }
 
 /// One line: the error and each of its causes, joined by ": ".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -6,7 +6,7 @@
 //! the guest init reports how it ended.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,9 +18,9 @@ use guest_init::spec::{
 use images::{Compression, Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
+use crate::container::{self, files, generated_name, Container, ContainerConfig, Containers};
 use crate::disks::{self, FileLock};
 use crate::guest;
-use crate::session::{self, Outcome, Relay};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -201,12 +201,12 @@ const FORWARDED_SIGNALS: [libc::c_int; 6] = [
 
 /// Blocks the forwarded signals in this thread (and the threads it starts
 /// later) and returns a signalfd that delivers them.
-fn forwarded_signals_fd() -> std::io::Result<OwnedFd> {
+pub fn forwarded_signals_fd(extra: &[libc::c_int]) -> std::io::Result<OwnedFd> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set = unsafe { std::mem::zeroed::<libc::sigset_t>() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for sig in FORWARDED_SIGNALS {
+    for &sig in FORWARDED_SIGNALS.iter().chain(extra) {
         // SAFETY: `set` is a valid sigset_t and `sig` a valid signal number.
         unsafe { libc::sigaddset(&mut set, sig) };
     }
@@ -225,7 +225,7 @@ fn forwarded_signals_fd() -> std::io::Result<OwnedFd> {
 }
 
 /// What a run of the image disk build needs to finish or undo.
-struct ImageDisk {
+pub struct ImageDisk {
     path: PathBuf,
     building: Option<(PathBuf, FileLock)>,
 }
@@ -259,23 +259,22 @@ fn image_disk(store: &Store, image: &Image) -> Result<ImageDisk> {
     })
 }
 
-/// Runs the container; returns hull's exit status.
+/// Records a new container for `args`: image resolved (pulled if need be),
+/// command, environment, user and working directory by docker's rules.
 ///
 /// # Errors
-/// hull itself failed (the container's own failures are exit statuses).
-pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
-    let started = Instant::now();
+/// Bad flags, no such image, a name in use.
+pub fn create(args: &RunArgs, store: &Store) -> Result<Container> {
     let memory_mib = parse_memory(&args.memory)?;
     let cpus = parse_cpus(&args.cpus)?;
     let mut env_files = Vec::new();
     for f in &args.env_file {
         env_files.extend(read_env_file(f)?);
     }
-
-    let store = Store::open(None)?;
-    let image = resolve_image(&store, &args.image, args.insecure)?;
+    let image = resolve_image(store, &args.image, args.insecure)?;
     let config = image.config.config().clone().unwrap_or_default();
     let argv = command_line(&image, args.entrypoint.as_deref(), &args.command)?;
+    let kernel = guest::kernel(args.kernel.as_deref())?;
 
     let id = new_id()?;
     let hostname = args
@@ -292,65 +291,172 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
         vec![format!("HOSTNAME={hostname}")],
         user_env,
     ]);
-
-    let container_dir = store.root().join("containers").join(&id);
-    std::fs::create_dir_all(&container_dir)?;
-    let vm_size = (memory_mib, cpus);
-    let result = run_in(
-        args,
-        debug,
-        started,
-        vm_size,
-        &store,
-        &image,
-        &container_dir,
-        RunSpec {
-            args: argv,
-            env,
-            cwd: args
-                .workdir
-                .clone()
-                .or_else(|| config.working_dir().clone())
-                .filter(|w| !w.is_empty())
-                .unwrap_or_else(|| "/".into()),
-            user: args
-                .user
-                .clone()
-                .or_else(|| config.user().clone())
-                .unwrap_or_default(),
-            hostname,
-            tty: false,
-            stdin: args.interactive,
-            rootfs: RootfsSpec {
-                image_disk: IMAGE_DISK_SERIAL.into(),
-                scratch_disk: SCRATCH_DISK_SERIAL.into(),
-                build: None,
-            },
+    let spec = RunSpec {
+        args: argv,
+        env,
+        cwd: args
+            .workdir
+            .clone()
+            .or_else(|| config.working_dir().clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        user: args
+            .user
+            .clone()
+            .or_else(|| config.user().clone())
+            .unwrap_or_default(),
+        hostname,
+        tty: args.tty,
+        stdin: args.interactive,
+        rootfs: RootfsSpec {
+            image_disk: IMAGE_DISK_SERIAL.into(),
+            scratch_disk: SCRATCH_DISK_SERIAL.into(),
+            build: None,
         },
-    );
-    if args.rm || result.is_err() {
-        let _ = std::fs::remove_dir_all(&container_dir);
-    } else {
-        // Until containers are managed (ps/rm), keep only the console log.
-        let _ = std::fs::remove_file(container_dir.join("scratch.ext4"));
-    }
-    result
+    };
+    Ok(Containers::new(store.root()).create(ContainerConfig {
+        name: args.name.clone().unwrap_or_else(|| generated_name(&id)),
+        id,
+        image: args.image.clone(),
+        image_id: image.id.clone(),
+        created: container::now(),
+        spec,
+        memory_mib,
+        cpus,
+        kernel,
+        auto_remove: args.rm,
+    })?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_in(
-    args: &RunArgs,
+/// Starts the monitor process of `container`, detached from this terminal
+/// (its own session, stdio away from ours), and waits until its socket
+/// answers, or until it ends.
+///
+/// # Errors
+/// The monitor could not be started or died before it was ready.
+pub fn start_monitor(
+    store: &Store,
+    container: &Container,
+    wait_attach: bool,
     debug: bool,
-    started: Instant,
-    (memory_mib, cpus): (u64, u8),
+) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    if debug {
+        cmd.arg("--debug");
+    }
+    cmd.arg("__monitor");
+    if wait_attach {
+        cmd.arg("--wait-attach");
+    }
+    cmd.arg(&container.config.id);
+    let monitor_log = std::fs::File::create(container.path(files::MONITOR_LOG))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    if debug {
+        cmd.stderr(std::process::Stdio::inherit());
+    } else {
+        cmd.stderr(monitor_log);
+    }
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let socket = crate::monitor::socket_path(store.root(), &container.config.id);
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if UnixStream::connect(&socket).is_ok() {
+            // Reaped by init once we exit; nothing to wait for here.
+            std::mem::forget(child);
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let state = container.state()?;
+            return Err(usage(state.error.unwrap_or_else(|| {
+                format!("the container's monitor exited ({status}) before it was ready")
+            })));
+        }
+        if Instant::now() >= deadline {
+            return Err(usage("the container's monitor did not start in time"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Runs the container; returns hull's exit status.
+///
+/// # Errors
+/// hull itself failed (the container's own failures are exit statuses).
+pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
+    let started = Instant::now();
+    let store = Store::open(None)?;
+    let container = create(args, &store)?;
+    let result = start_monitor(&store, &container, !args.detach, debug);
+    if let Err(e) = result {
+        let _ = Containers::new(store.root()).remove(&container);
+        return Err(e);
+    }
+    if args.detach {
+        println!("{}", container.config.id);
+        return Ok(0);
+    }
+    let prep_ms = started.elapsed().as_millis();
+    tracing::debug!("host prep done in {prep_ms} ms (image, container, monitor)");
+    let code = crate::client::attach(&store, &container, args.interactive, args.tty, debug)?;
+    if debug {
+        eprintln!("hull: timing: total {} ms", started.elapsed().as_millis());
+    }
+    Ok(code)
+}
+
+/// A VM ready to start, and what the monitor needs around it.
+pub struct PreparedVm {
+    /// The VM.
+    pub vm_config: vmm::VmConfig,
+    /// The run spec for the init.
+    pub spec_json: Vec<u8>,
+    /// The image disk (to finish once the guest built it).
+    pub image_disk: ImageDisk,
+    /// The host end of the control stream.
+    pub host_end: UnixStream,
+    /// Stops the VM from the host.
+    pub exit_signal: vmm::ExitSignal,
+}
+
+/// Keeps a freshly built image disk (when the guest reported its root
+/// ready) or throws the partial one away.
+pub fn finish_image_disk(disk: &ImageDisk, built: bool) {
+    if let Some((tmp, _lock)) = &disk.building {
+        if built {
+            if let Err(e) = std::fs::rename(tmp, &disk.path) {
+                tracing::warn!("cannot keep the image disk {}: {e}", disk.path.display());
+            }
+        } else {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Prepares `container`'s VM: kernel, initramfs, image disk (built by the
+/// guest on the image's first run), scratch disk, console log.
+///
+/// # Errors
+/// A file could not be prepared.
+pub fn prepare_vm(
     store: &Store,
     image: &Image,
-    container_dir: &Path,
-    mut spec: RunSpec,
-) -> Result<i32> {
-    let kernel = guest::kernel(args.kernel.as_deref())?;
+    container: &Container,
+    debug: bool,
+) -> Result<PreparedVm> {
+    let mut spec = container.config.spec.clone();
     let initrd = guest::initramfs(&guest::init_binary()?, &store.root().join("cache"))?;
-
     let image_disk = image_disk(store, image)?;
     let mut disks_cfg = vec![vmm::DiskConfig {
         path: image_disk
@@ -361,7 +467,7 @@ fn run_in(
         serial: IMAGE_DISK_SERIAL.into(),
         then: Vec::new(),
     }];
-    let scratch = container_dir.join("scratch.ext4");
+    let scratch = container.path(files::SCRATCH);
     disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
     disks_cfg.push(vmm::DiskConfig {
         path: scratch,
@@ -403,24 +509,21 @@ fn run_in(
     } else if image_disk.building.is_some() {
         spec.rootfs.build = Some(Vec::new());
     }
-    let spec_json = serde_json::to_vec(&spec)?;
-
-    let console_log = container_dir.join("console.log");
     let console_out: Box<dyn Write + Send> = if debug {
         Box::new(std::io::stderr())
     } else {
-        Box::new(std::fs::File::create(&console_log)?)
+        Box::new(std::fs::File::create(container.path(files::CONSOLE))?)
     };
-    let (mut host_end, guest_end) = UnixStream::pair()?;
+    let (host_end, guest_end) = UnixStream::pair()?;
     let exit_signal = vmm::ExitSignal::new()?;
     let vm_config = vmm::VmConfig {
         boot: vmm::BootSource {
-            kernel,
+            kernel: container.config.kernel.clone(),
             initrd: Some(initrd),
             cmdline: CONTAINER_CMDLINE.into(),
         },
-        memory_mib,
-        cpus,
+        memory_mib: container.config.memory_mib,
+        cpus: container.config.cpus,
         kvm_path: "/dev/kvm".into(),
         guest_needs: vmm::GuestNeeds::LinuxKernel,
         console_out,
@@ -430,67 +533,12 @@ fn run_in(
         entropy: true,
         exit_signal: Some(exit_signal.clone()),
     };
-    let prep_ms = started.elapsed().as_millis();
-    tracing::debug!("host prep done in {prep_ms} ms (image, disks, initramfs)");
-    let signals = forwarded_signals_fd()?;
-    let vm_started = Instant::now();
-    let vm = std::thread::Builder::new()
-        .name("vmm".into())
-        .spawn(move || vmm::run(vm_config))?;
-
-    let relay = Relay {
-        stdin: args.interactive.then_some(libc::STDIN_FILENO),
-        signals: Some(signals.as_raw_fd()),
-        debug,
-        started: vm_started,
-    };
-    let session = session::run(&mut host_end, spec_json, &relay);
-    if session.is_err() {
-        exit_signal.exit(vmm::VmExit::Error(
-            "hull stopped the VM after a control error".into(),
-        ));
-    }
-    drop(host_end);
-    let vm_exit = vm.join().map_err(|_| usage("the VMM thread panicked"))?;
-    let (outcome, marks) = session?;
-    let vm_exit = vm_exit?;
-
-    let root_built = marks.notes.iter().any(|(_, n)| n == "root ready");
-    if let Some((tmp, _lock)) = &image_disk.building {
-        if root_built {
-            std::fs::rename(tmp, &image_disk.path)?;
-        } else {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-    if debug {
-        let ready = marks
-            .ready_ms
-            .map_or_else(|| "-".into(), |ms| ms.to_string());
-        let exec = marks
-            .notes
-            .iter()
-            .find(|(_, n)| n.starts_with("exec"))
-            .map(|(ms, _)| *ms);
-        eprintln!(
-            "hull: timing: host prep {prep_ms} ms, VM start to init ready {ready} ms, init to exec {} ms, total {} ms",
-            exec.map_or_else(|| "-".into(), |ms| ms.to_string()),
-            started.elapsed().as_millis()
-        );
-    }
-    Ok(match outcome {
-        Outcome::Exited(code) => code,
-        Outcome::Failed { code, message } => {
-            eprintln!("hull: {message}");
-            code
-        }
-        Outcome::Vanished => {
-            eprintln!(
-                "hull: the container's VM ended before the container did: {vm_exit} (console log: {})",
-                console_log.display()
-            );
-            EXIT_RUNTIME_ERROR
-        }
+    Ok(PreparedVm {
+        vm_config,
+        spec_json: serde_json::to_vec(&spec)?,
+        image_disk,
+        host_end,
+        exit_signal,
     })
 }
 

@@ -1,6 +1,7 @@
-//! The host end of a container's control stream: sends the run spec, then
-//! relays stdin and signals to the guest and the container's stdout and
-//! stderr back, until the guest reports how the container ended.
+//! The CLI end of a container session (attach or exec, through the
+//! container's monitor): sends the request, then relays stdin, signals and
+//! terminal size one way and stdout and stderr the other, until the monitor
+//! reports how the process ended.
 //!
 //! One thread, one poll(2) loop. The guest side is hostile: frames are
 //! bounded by the protocol decoder, and everything queued towards the guest
@@ -85,7 +86,6 @@ struct Session<'a> {
     decoder: FrameDecoder,
     outcome: Option<Outcome>,
     stdin_open: bool,
-    spec: Option<Vec<u8>>,
     marks: Marks,
 }
 
@@ -118,15 +118,14 @@ impl Session<'_> {
 
     fn handle(&mut self, frame: Frame) -> Result<(), SessionError> {
         match frame {
-            Frame::Ready => {
-                self.marks.ready_ms = Some(self.relay.started.elapsed().as_millis());
-                if let Some(spec) = self.spec.take() {
-                    self.queue(&Frame::Spec(spec))?;
-                }
-            }
+            Frame::Ready => {}
             Frame::Stdout(data) => write_all_fd(libc::STDOUT_FILENO, &data),
             Frame::Stderr(data) => write_all_fd(libc::STDERR_FILENO, &data),
             Frame::Note(ms, text) => {
+                if self.marks.ready_ms.is_none() {
+                    // The init's first note comes as it starts.
+                    self.marks.ready_ms = Some(self.relay.started.elapsed().as_millis());
+                }
                 if self.relay.debug {
                     eprintln!("hull: guest +{ms} ms: {text}");
                 }
@@ -203,6 +202,12 @@ impl Session<'_> {
             // SAFETY: the kernel filled the whole record.
             let signo = unsafe { info.assume_init() }.ssi_signo;
             let signo = i32::try_from(signo).unwrap_or(libc::SIGTERM);
+            if signo == libc::SIGWINCH {
+                if let Some((rows, cols)) = crate::client::window_size(libc::STDIN_FILENO) {
+                    self.queue(&Frame::Resize(rows, cols))?;
+                }
+                return Ok(());
+            }
             tracing::debug!("forwarding signal {signo} to the container");
             self.queue(&Frame::Signal(signo))?;
         }
@@ -224,14 +229,14 @@ fn write_all_fd(fd: RawFd, mut data: &[u8]) {
     }
 }
 
-/// Runs the session over `stream` until the guest closes it; `spec` is sent
-/// when the init says it is ready.
+/// Runs the session over `stream` until the monitor closes it; `initial`
+/// frames (the request first) are sent before anything else.
 ///
 /// # Errors
 /// Local I/O failures and protocol violations by the guest.
 pub fn run(
     stream: &mut UnixStream,
-    spec: Vec<u8>,
+    initial: &[Frame],
     relay: &Relay,
 ) -> Result<(Outcome, Marks), SessionError> {
     stream
@@ -244,9 +249,11 @@ pub fn run(
         decoder: FrameDecoder::new(),
         outcome: None,
         stdin_open: relay.stdin.is_some(),
-        spec: Some(spec),
         marks: Marks::default(),
     };
+    for frame in initial {
+        s.queue(frame)?;
+    }
     loop {
         let sock = s.stream.as_raw_fd();
         let mut fds = vec![libc::pollfd {
@@ -323,13 +330,13 @@ mod tests {
     fn spec_is_sent_after_ready_and_the_exit_code_comes_back() {
         let (mut host, mut guest) = UnixStream::pair().unwrap();
         let guest_side = std::thread::spawn(move || {
-            Frame::Ready.write_to(&mut guest).unwrap();
             let spec = Frame::read_from(&mut guest).unwrap();
             assert_eq!(spec, Frame::Spec(b"{\"x\":1}".to_vec()));
             Frame::Note(5, "exec".into()).write_to(&mut guest).unwrap();
             Frame::Exited(3).write_to(&mut guest).unwrap();
         });
-        let (outcome, marks) = run(&mut host, b"{\"x\":1}".to_vec(), &relay()).unwrap();
+        let request = Frame::Spec(b"{\"x\":1}".to_vec());
+        let (outcome, marks) = run(&mut host, &[request], &relay()).unwrap();
         guest_side.join().unwrap();
         assert_eq!(outcome, Outcome::Exited(3));
         assert_eq!(marks.notes, vec![(5, "exec".to_string())]);
@@ -340,7 +347,7 @@ mod tests {
     fn a_guest_that_vanishes_is_reported() {
         let (mut host, guest) = UnixStream::pair().unwrap();
         drop(guest);
-        let (outcome, _) = run(&mut host, Vec::new(), &relay()).unwrap();
+        let (outcome, _) = run(&mut host, &[Frame::Spec(Vec::new())], &relay()).unwrap();
         assert_eq!(outcome, Outcome::Vanished);
     }
 
@@ -350,7 +357,7 @@ mod tests {
         guest.write_all(&[0xee, 0, 0, 0, 0]).unwrap();
         drop(guest);
         assert!(matches!(
-            run(&mut host, Vec::new(), &relay()),
+            run(&mut host, &[Frame::Spec(Vec::new())], &relay()),
             Err(SessionError::Protocol(_))
         ));
     }
@@ -365,7 +372,7 @@ mod tests {
         .write_to(&mut guest)
         .unwrap();
         drop(guest);
-        let (outcome, _) = run(&mut host, Vec::new(), &relay()).unwrap();
+        let (outcome, _) = run(&mut host, &[Frame::Spec(Vec::new())], &relay()).unwrap();
         assert_eq!(
             outcome,
             Outcome::Failed {

@@ -47,6 +47,16 @@ pub enum Frame {
     /// A timing or progress note for `hull --debug` (milliseconds since the
     /// init started, and what happened then).
     Note(u64, String),
+
+    // Exec'd processes (both ways).
+    /// Host -> guest: start process `id` (chosen by the host, never 0, unique
+    /// while it runs) in the running container; the payload is an
+    /// [`ExecSpec`](crate::spec::ExecSpec) as JSON.
+    Exec(u32, Vec<u8>),
+    /// A frame about exec'd process `id`: host -> guest `Stdin`, `StdinEof`,
+    /// `Signal`, `Resize`; guest -> host `Stdout`, `Stderr`, `Exited`,
+    /// `Failed`. Never nested.
+    Proc(u32, Box<Frame>),
 }
 
 /// Errors reading or writing frames.
@@ -75,6 +85,8 @@ mod kind {
     pub const EXITED: u8 = 67;
     pub const FAILED: u8 = 68;
     pub const NOTE: u8 = 69;
+    pub const EXEC: u8 = 96;
+    pub const PROC: u8 = 97;
 }
 
 impl Frame {
@@ -101,6 +113,17 @@ impl Frame {
                 kind::NOTE,
                 [&ms.to_le_bytes()[..], text.as_bytes()].concat(),
             ),
+            Self::Exec(id, spec) => (kind::EXEC, [&id.to_le_bytes()[..], spec].concat()),
+            Self::Proc(id, inner) => {
+                if matches!(**inner, Self::Proc(..) | Self::Exec(..)) {
+                    return Err(ProtocolError::Invalid("nested process frame".into()));
+                }
+                let inner = inner.encode()?;
+                (
+                    kind::PROC,
+                    [&id.to_le_bytes()[..], &inner[..1], &inner[HEADER_LEN..]].concat(),
+                )
+            }
         };
         if payload.len() > MAX_PAYLOAD {
             return Err(ProtocolError::Invalid(format!(
@@ -186,6 +209,25 @@ impl Frame {
                 let mut ms = [0u8; 8];
                 ms.copy_from_slice(&payload[..8]);
                 Self::Note(u64::from_le_bytes(ms), text(&payload[8..]))
+            }
+            kind::EXEC => {
+                at_least(4)?;
+                Self::Exec(
+                    u32::from_le_bytes(le4(&payload[..4])),
+                    payload[4..].to_vec(),
+                )
+            }
+            kind::PROC => {
+                at_least(5)?;
+                let id = u32::from_le_bytes(le4(&payload[..4]));
+                let inner_kind = payload[4];
+                if matches!(inner_kind, kind::PROC | kind::EXEC) {
+                    return Err(ProtocolError::Invalid("nested process frame".into()));
+                }
+                Self::Proc(
+                    id,
+                    Box::new(Self::decode(inner_kind, payload[5..].to_vec())?),
+                )
             }
             other => return Err(ProtocolError::Invalid(format!("unknown kind {other}"))),
         })
@@ -303,6 +345,10 @@ mod tests {
                 message: "not found".into(),
             },
             Frame::Note(42, "unpacked".into()),
+            Frame::Exec(7, b"{}".to_vec()),
+            Frame::Proc(7, Box::new(Frame::Stdout(b"out".to_vec()))),
+            Frame::Proc(7, Box::new(Frame::Exited(0))),
+            Frame::Proc(9, Box::new(Frame::Resize(1, 2))),
         ]
     }
 
@@ -346,6 +392,13 @@ mod tests {
         assert!(Frame::decode(200, Vec::new()).is_err());
         assert!(Frame::decode(kind::EXITED, vec![1, 2]).is_err());
         assert!(Frame::decode(kind::FAILED, vec![1]).is_err());
+        let nested = [kind::PROC, 5, 0, 0, 0, 1, 0, 0, 0, kind::PROC];
+        assert!(Frame::read_from(&mut &nested[..]).is_err());
+        assert!(
+            Frame::Proc(1, Box::new(Frame::Proc(2, Box::new(Frame::Ready))))
+                .encode()
+                .is_err()
+        );
         let truncated = [kind::STDOUT, 10, 0, 0, 0, 1, 2];
         assert!(matches!(
             Frame::read_from(&mut &truncated[..]),

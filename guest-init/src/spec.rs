@@ -26,6 +26,23 @@ pub struct RunSpec {
     pub rootfs: RootfsSpec,
 }
 
+/// A process to start in a running container (`hull exec`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// The command (never empty); resolved through the container's PATH.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs added to (replacing) the container's environment.
+    pub env: Vec<String>,
+    /// Working directory; `None`: the container's.
+    pub cwd: Option<String>,
+    /// User as in [`RunSpec::user`]; `None`: the container's.
+    pub user: Option<String>,
+    /// Give the process a pseudo-terminal.
+    pub tty: bool,
+    /// Forward the host's stdin; otherwise stdin is /dev/null.
+    pub stdin: bool,
+}
+
 /// The container's root: the image's file system (an ext4 disk, read-only
 /// once built) under an overlay whose upper layer is the container's scratch disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,645 @@
+//! A container's monitor: the process that runs its VM (hull's podman-style
+//! answer to "no daemon": one small process per container, like conmon).
+//!
+//! It holds the container's monitor lock for its whole life (so a dead
+//! monitor is detectable), relays between the guest's control stream and
+//! the CLI clients connected to its socket, keeps the container's log and
+//! state, and ends when the VM does.
+//!
+//! Clients speak the guest protocol's frames. Their first frame is a
+//! [`Frame::Spec`] holding a JSON [`Request`]: attach to the main process,
+//! exec a new one, signal, or stop. After that an attached client sends
+//! `Stdin`/`StdinEof`/`Signal`/`Resize` and receives `Stdout`/`Stderr`/
+//! `Note`/`Exited`/`Failed`; an exec client the same, for its own process.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_init::protocol::{Frame, FrameDecoder};
+use guest_init::spec::ExecSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::container::{files, now, Container, Containers, Lock, Status};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// What a client asks of the monitor (its first frame, as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Request {
+    /// Relay the main process's output (and stdin, if asked).
+    Attach {
+        /// Forward the client's stdin.
+        stdin: bool,
+    },
+    /// Start a process in the container and relay it.
+    Exec(ExecSpec),
+    /// Send a signal to the main process.
+    Signal(i32),
+    /// SIGTERM, then SIGKILL after `timeout_secs`; the client stays
+    /// connected until the container has ended.
+    Stop {
+        /// Grace period.
+        timeout_secs: u64,
+    },
+}
+
+/// Beyond this much queued for a client, the client is too slow: dropped.
+const CLIENT_QUEUE_MAX: usize = 8 << 20;
+/// Stop reading clients' input while this much is queued for the guest.
+const GUEST_QUEUE_MAX: usize = 256 << 10;
+/// Most clients at once.
+const MAX_CLIENTS: usize = 64;
+/// How long a foreground run's monitor holds the command for its client.
+const ATTACH_WAIT: Duration = Duration::from_secs(30);
+/// After the SIGKILL of a stop, how long before the VM itself is stopped.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// The socket of a container: short, so it fits `sun_path` under any root.
+#[must_use]
+pub fn socket_path(store_root: &Path, id: &str) -> PathBuf {
+    store_root
+        .join("run")
+        .join(format!("{}.sock", &id[..12.min(id.len())]))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Role {
+    New,
+    Attached { stdin: bool },
+    Exec(u32),
+    Waiting,
+}
+
+struct Client {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    role: Role,
+    gone: bool,
+}
+
+impl Client {
+    fn send(&mut self, frame: &Frame) {
+        if let Ok(bytes) = frame.encode() {
+            self.out.extend_from_slice(&bytes);
+            if self.out.len() > CLIENT_QUEUE_MAX {
+                tracing::warn!("monitor: dropping a client that does not read");
+                self.gone = true;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while !self.out.is_empty() && !self.gone {
+            match self.stream.write(&self.out) {
+                Ok(0) => self.gone = true,
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.gone = true,
+            }
+        }
+    }
+}
+
+/// The main process's outcome as the guest reported it.
+#[derive(Debug, Clone)]
+enum MainOutcome {
+    Exited(i32),
+    Failed(i32, String),
+}
+
+struct Monitor {
+    guest: UnixStream,
+    guest_decoder: FrameDecoder,
+    guest_out: Vec<u8>,
+    guest_open: bool,
+    clients: Vec<Client>,
+    spec: Option<Vec<u8>>,
+    ready: bool,
+    wait_attach_until: Option<Instant>,
+    log: std::fs::File,
+    outcome: Option<MainOutcome>,
+    notes: Vec<String>,
+    next_exec: u32,
+    exec_owner: HashMap<u32, usize>,
+    stop_deadline: Option<Instant>,
+    force_deadline: Option<Instant>,
+    exit_signal: vmm::ExitSignal,
+}
+
+fn log_line(stream: &str, data: &[u8]) -> Vec<u8> {
+    let line = serde_json::json!({
+        "time": now(),
+        "stream": stream,
+        "log": String::from_utf8_lossy(data),
+    });
+    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+impl Monitor {
+    fn queue_for_guest(&mut self, frame: &Frame) {
+        if let Ok(bytes) = frame.encode() {
+            self.guest_out.extend_from_slice(&bytes);
+        }
+    }
+
+    fn maybe_send_spec(&mut self) {
+        if !self.ready || self.spec.is_none() {
+            return;
+        }
+        let attached = self
+            .clients
+            .iter()
+            .any(|c| matches!(c.role, Role::Attached { .. }));
+        let waited_out = self.wait_attach_until.is_none_or(|t| Instant::now() >= t);
+        if attached || waited_out {
+            if let Some(spec) = self.spec.take() {
+                self.queue_for_guest(&Frame::Spec(spec));
+            }
+        }
+    }
+
+    fn broadcast_main(&mut self, frame: &Frame) {
+        for c in &mut self.clients {
+            if matches!(c.role, Role::Attached { .. }) {
+                c.send(frame);
+            }
+        }
+    }
+
+    fn on_guest_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Ready => {
+                self.ready = true;
+                self.maybe_send_spec();
+            }
+            Frame::Stdout(ref data) | Frame::Stderr(ref data) => {
+                let stream = if matches!(frame, Frame::Stdout(_)) {
+                    "stdout"
+                } else {
+                    "stderr"
+                };
+                let _ = self.log.write_all(&log_line(stream, data));
+                self.broadcast_main(&frame);
+            }
+            Frame::Note(_, ref text) => {
+                self.notes.push(text.clone());
+                self.broadcast_main(&frame);
+            }
+            Frame::Exited(code) => {
+                self.outcome.get_or_insert(MainOutcome::Exited(code));
+                self.broadcast_main(&frame);
+            }
+            Frame::Failed { code, ref message } => {
+                let _ = self
+                    .log
+                    .write_all(&log_line("stderr", format!("{message}\n").as_bytes()));
+                self.outcome
+                    .get_or_insert(MainOutcome::Failed(code, message.clone()));
+                self.broadcast_main(&frame);
+            }
+            Frame::Proc(id, inner) => {
+                if let Some(&idx) = self.exec_owner.get(&id) {
+                    let done = matches!(*inner, Frame::Exited(_) | Frame::Failed { .. });
+                    if let Some(c) = self.clients.get_mut(idx) {
+                        c.send(&inner);
+                    }
+                    if done {
+                        self.exec_owner.remove(&id);
+                    }
+                }
+            }
+            other => tracing::warn!("monitor: unexpected frame from the guest: {other:?}"),
+        }
+    }
+
+    fn on_client_frame(&mut self, idx: usize, frame: Frame) {
+        let role = match self.clients.get(idx) {
+            Some(c) => match c.role {
+                Role::New => None,
+                Role::Attached { stdin } => Some((true, stdin, 0)),
+                Role::Exec(id) => Some((false, true, id)),
+                Role::Waiting => return,
+            },
+            None => return,
+        };
+        let Some((main, stdin_ok, id)) = role else {
+            self.first_frame(idx, frame);
+            return;
+        };
+        let forward = match frame {
+            Frame::Stdin(_) | Frame::StdinEof if stdin_ok => frame,
+            Frame::Signal(_) | Frame::Resize(..) => frame,
+            _ => return,
+        };
+        if main {
+            self.queue_for_guest(&forward);
+        } else {
+            self.queue_for_guest(&Frame::Proc(id, Box::new(forward)));
+        }
+    }
+
+    fn first_frame(&mut self, idx: usize, frame: Frame) {
+        let request = match frame {
+            Frame::Spec(json) => serde_json::from_slice::<Request>(&json).ok(),
+            _ => None,
+        };
+        let Some(client) = self.clients.get_mut(idx) else {
+            return;
+        };
+        let Some(request) = request else {
+            client.send(&Frame::Failed {
+                code: 125,
+                message: "bad request to the monitor".into(),
+            });
+            client.role = Role::Waiting;
+            return;
+        };
+        match request {
+            Request::Attach { stdin } => {
+                client.role = Role::Attached { stdin };
+                if let Some(outcome) = self.outcome.clone() {
+                    // Attached after the end: say how it ended.
+                    client.send(&match outcome {
+                        MainOutcome::Exited(code) => Frame::Exited(code),
+                        MainOutcome::Failed(code, message) => Frame::Failed { code, message },
+                    });
+                }
+                self.maybe_send_spec();
+            }
+            Request::Exec(spec) => {
+                if self.outcome.is_some() || self.spec.is_some() {
+                    client.send(&Frame::Failed {
+                        code: 125,
+                        message: "the container is not running".into(),
+                    });
+                    client.role = Role::Waiting;
+                    return;
+                }
+                self.next_exec = self.next_exec.wrapping_add(1).max(1);
+                let id = self.next_exec;
+                client.role = Role::Exec(id);
+                self.exec_owner.insert(id, idx);
+                let json = serde_json::to_vec(&spec).unwrap_or_default();
+                self.queue_for_guest(&Frame::Exec(id, json));
+            }
+            Request::Signal(sig) => {
+                client.role = Role::Waiting;
+                client.gone = true;
+                self.queue_for_guest(&Frame::Signal(sig));
+            }
+            Request::Stop { timeout_secs } => {
+                client.role = Role::Waiting;
+                self.queue_for_guest(&Frame::Signal(libc::SIGTERM));
+                let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+                self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
+            }
+        }
+    }
+
+    fn deadlines(&mut self) {
+        let now = Instant::now();
+        if self.stop_deadline.is_some_and(|d| now >= d) {
+            self.stop_deadline = None;
+            self.queue_for_guest(&Frame::Signal(libc::SIGKILL));
+            self.force_deadline = Some(now + KILL_GRACE);
+        }
+        if self.force_deadline.is_some_and(|d| now >= d) {
+            self.force_deadline = None;
+            self.exit_signal.exit(vmm::VmExit::Error(
+                "stopped by hull: the guest did not end".into(),
+            ));
+        }
+        self.maybe_send_spec();
+    }
+
+    fn next_timeout_ms(&self) -> i32 {
+        [
+            self.stop_deadline,
+            self.force_deadline,
+            self.wait_attach_until.filter(|_| self.spec.is_some()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(-1, |d| {
+            i32::try_from(d.saturating_duration_since(Instant::now()).as_millis() + 1)
+                .unwrap_or(i32::MAX)
+        })
+    }
+
+    fn read_guest(&mut self) {
+        let mut buf = vec![0u8; 64 << 10];
+        let want = self.guest_decoder.room().clamp(1, buf.len());
+        match self.guest.read(&mut buf[..want]) {
+            Ok(0) => self.guest_open = false,
+            Ok(n) => self.guest_decoder.feed(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => self.guest_open = false,
+        }
+        loop {
+            match self.guest_decoder.next_frame() {
+                Ok(Some(frame)) => self.on_guest_frame(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("monitor: the guest broke the protocol: {e}");
+                    self.exit_signal.exit(vmm::VmExit::Error(format!(
+                        "the guest init broke the control protocol: {e}"
+                    )));
+                    self.guest_open = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn flush_guest(&mut self) {
+        while !self.guest_out.is_empty() {
+            match self.guest.write(&self.guest_out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.guest_out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.guest_out.clear();
+                    break;
+                }
+            }
+        }
+    }
+
+    fn read_client(&mut self, idx: usize) {
+        let mut buf = vec![0u8; 64 << 10];
+        let Some(c) = self.clients.get_mut(idx) else {
+            return;
+        };
+        let want = c.decoder.room().clamp(1, buf.len());
+        match c.stream.read(&mut buf[..want]) {
+            Ok(0) => c.gone = true,
+            Ok(n) => c.decoder.feed(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => c.gone = true,
+        }
+        loop {
+            let next = match self.clients.get_mut(idx) {
+                Some(c) => c.decoder.next_frame(),
+                None => return,
+            };
+            match next {
+                Ok(Some(frame)) => self.on_client_frame(idx, frame),
+                Ok(None) => break,
+                Err(_) => {
+                    if let Some(c) = self.clients.get_mut(idx) {
+                        c.gone = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Forgets clients that left; an exec client leaving kills its process.
+    fn reap_clients(&mut self) {
+        let mut kept = Vec::with_capacity(self.clients.len());
+        let mut remap = HashMap::new();
+        for (old, c) in std::mem::take(&mut self.clients).into_iter().enumerate() {
+            if c.gone {
+                if let Role::Exec(id) = c.role {
+                    if self.exec_owner.remove(&id).is_some() {
+                        self.queue_for_guest(&Frame::Proc(id, Box::new(Frame::Signal(libc::SIGKILL))));
+                    }
+                }
+            } else {
+                remap.insert(old, kept.len());
+                kept.push(c);
+            }
+        }
+        self.clients = kept;
+        for idx in self.exec_owner.values_mut() {
+            if let Some(new) = remap.get(idx) {
+                *idx = *new;
+            }
+        }
+    }
+
+    fn run(&mut self, listener: &UnixListener) -> Result<()> {
+        while self.guest_open {
+            let mut fds = vec![
+                libc::pollfd {
+                    fd: self.guest.as_raw_fd(),
+                    events: libc::POLLIN
+                        | if self.guest_out.is_empty() {
+                            0
+                        } else {
+                            libc::POLLOUT
+                        },
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let accept_input = self.guest_out.len() < GUEST_QUEUE_MAX;
+            for c in &self.clients {
+                let mut events = if c.out.is_empty() { 0 } else { libc::POLLOUT };
+                if accept_input {
+                    events |= libc::POLLIN;
+                }
+                fds.push(libc::pollfd {
+                    fd: c.stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+            let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(2);
+            // SAFETY: `fds` is a valid array of `nfds` pollfd records.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), nfds, self.next_timeout_ms()) };
+            if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(io::Error::last_os_error().into());
+            }
+            let revents: Vec<i16> = fds.iter().map(|f| f.revents).collect();
+            if revents[0] & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                self.read_guest();
+            }
+            if revents[1] & libc::POLLIN != 0 {
+                if let Ok((stream, _)) = listener.accept() {
+                    if self.clients.len() < MAX_CLIENTS && stream.set_nonblocking(true).is_ok() {
+                        self.clients.push(Client {
+                            stream,
+                            decoder: FrameDecoder::new(),
+                            out: Vec::new(),
+                            role: Role::New,
+                            gone: false,
+                        });
+                    }
+                }
+            }
+            for (i, ev) in revents.iter().enumerate().skip(2) {
+                let idx = i - 2;
+                if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                    self.read_client(idx);
+                }
+            }
+            self.deadlines();
+            self.flush_guest();
+            for c in &mut self.clients {
+                c.flush();
+            }
+            self.reap_clients();
+        }
+        Ok(())
+    }
+}
+
+/// Runs the monitor of container `key` (the hidden `hull __monitor`).
+///
+/// # Errors
+/// The container cannot be set up; its VM's own ending is recorded in its state.
+pub fn run(key: &str, wait_attach: bool, debug: bool) -> Result<()> {
+    let store = images::Store::open(None)?;
+    let containers = Containers::new(store.root());
+    let container = containers.find(key)?;
+    let Some(_alive) = Lock::try_exclusive(&container.path(files::MONITOR_LOCK))? else {
+        return Err("this container already has a monitor".into());
+    };
+    let result = run_locked(&store, &container, wait_attach, debug);
+    if let Err(e) = &result {
+        let message = crate::error_chain(e.as_ref());
+        let _ = container.update_state(|s| {
+            s.status = Status::Exited;
+            s.finished = Some(now());
+            s.exit_code = Some(crate::run::EXIT_RUNTIME_ERROR);
+            s.error = Some(message.clone());
+            s.pid = None;
+        });
+    }
+    if container.config.auto_remove {
+        let _ = containers.remove(&container);
+    }
+    result
+}
+
+fn run_locked(
+    store: &images::Store,
+    container: &Container,
+    wait_attach: bool,
+    debug: bool,
+) -> Result<()> {
+    let image = store.find(&container.config.image_id)?.ok_or_else(|| {
+        format!(
+            "image {} of the container was removed",
+            container.config.image
+        )
+    })?;
+    let prepared = crate::run::prepare_vm(store, &image, container, debug)?;
+    let socket = socket_path(store.root(), &container.config.id);
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    listener.set_nonblocking(true)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(container.path(files::LOG))?;
+
+    container.update_state(|s| {
+        s.status = Status::Running;
+        s.pid = Some(std::process::id());
+        s.started = Some(now());
+    })?;
+    let crate::run::PreparedVm {
+        vm_config,
+        spec_json,
+        image_disk,
+        host_end,
+        exit_signal,
+    } = prepared;
+    let vm = std::thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || vmm::run(vm_config))?;
+    host_end.set_nonblocking(true)?;
+    let mut monitor = Monitor {
+        guest: host_end,
+        guest_decoder: FrameDecoder::new(),
+        guest_out: Vec::new(),
+        guest_open: true,
+        clients: Vec::new(),
+        spec: Some(spec_json),
+        ready: false,
+        wait_attach_until: wait_attach.then(|| Instant::now() + ATTACH_WAIT),
+        log,
+        outcome: None,
+        notes: Vec::new(),
+        next_exec: 0,
+        exec_owner: HashMap::new(),
+        stop_deadline: None,
+        force_deadline: None,
+        exit_signal: exit_signal.clone(),
+    };
+    let looped = monitor.run(&listener);
+    if looped.is_err() {
+        exit_signal.exit(vmm::VmExit::Error("the container's monitor failed".into()));
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+    let vm_exit = vm.join().map_err(|_| "the VMM thread panicked")?;
+    crate::run::finish_image_disk(&image_disk, monitor.notes.iter().any(|n| n == "root ready"));
+
+    let (code, error) = match (&monitor.outcome, &vm_exit) {
+        (Some(MainOutcome::Exited(code)), _) => (*code, None),
+        (Some(MainOutcome::Failed(code, message)), _) => (*code, Some(message.clone())),
+        (None, Ok(exit)) => (
+            crate::run::EXIT_RUNTIME_ERROR,
+            Some(format!(
+                "the container's VM ended before the container did: {exit}"
+            )),
+        ),
+        (None, Err(e)) => (crate::run::EXIT_RUNTIME_ERROR, Some(crate::error_chain(e))),
+    };
+    if monitor.outcome.is_none() {
+        let message = error.clone().unwrap_or_default();
+        monitor.broadcast_main(&Frame::Failed { code, message });
+    }
+    container.update_state(|s| {
+        s.status = Status::Exited;
+        s.finished = Some(now());
+        s.exit_code = Some(code);
+        s.error.clone_from(&error);
+        s.pid = None;
+    })?;
+    // Give clients their last frames, briefly (they may have gone).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while monitor.clients.iter().any(|c| !c.out.is_empty() && !c.gone) && Instant::now() < deadline
+    {
+        for c in &mut monitor.clients {
+            let _ = c.stream.set_nonblocking(false);
+            let _ = c.stream.set_write_timeout(Some(Duration::from_millis(500)));
+            c.flush();
+        }
+    }
+    looped
+}
