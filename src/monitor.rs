@@ -133,6 +133,15 @@ struct Monitor {
     stop_deadline: Option<Instant>,
     force_deadline: Option<Instant>,
     exit_signal: vmm::ExitSignal,
+    /// The image disk this VM is building, until the guest says it is built.
+    image_disk: Option<crate::run::ImageDisk>,
+    /// The main process runs (the init reported its exec).
+    main_running: bool,
+    /// Frames for processes that do not run yet (exec requests and every
+    /// process's input that came before the main process ran), in order.
+    held: Vec<Frame>,
+    /// Bytes of `held`, counted against the guest queue's bound.
+    held_bytes: usize,
 }
 
 fn log_line(stream: &str, data: &[u8]) -> Vec<u8> {
@@ -150,6 +159,18 @@ impl Monitor {
     fn queue_for_guest(&mut self, frame: &Frame) {
         if let Ok(bytes) = frame.encode() {
             self.guest_out.extend_from_slice(&bytes);
+        }
+    }
+
+    /// Sends a frame for a process now, or holds it until the main process
+    /// runs: before that the init takes no input for any process, and input
+    /// (and its EOF) sent early would be lost.
+    fn send_to_process(&mut self, frame: Frame) {
+        if self.main_running {
+            self.queue_for_guest(&frame);
+        } else {
+            self.held_bytes += frame.encode().map_or(0, |b| b.len());
+            self.held.push(frame);
         }
     }
 
@@ -193,6 +214,22 @@ impl Monitor {
                 self.broadcast_main(&frame);
             }
             Frame::Note(_, ref text) => {
+                if text == "root ready" {
+                    // The guest built the image's root and remounted it read-only:
+                    // keep it now, so other containers of the image need not wait
+                    // for this one to end.
+                    if let Some(disk) = self.image_disk.take() {
+                        crate::run::finish_image_disk(&disk, true);
+                    }
+                }
+                if text.starts_with("exec /") && !self.main_running {
+                    // The init's note for the main process: execs can go now.
+                    self.main_running = true;
+                    self.held_bytes = 0;
+                    for held in std::mem::take(&mut self.held) {
+                        self.queue_for_guest(&held);
+                    }
+                }
                 self.notes.push(text.clone());
                 self.broadcast_main(&frame);
             }
@@ -242,11 +279,12 @@ impl Monitor {
             Frame::Signal(_) | Frame::Resize(..) => frame,
             _ => return,
         };
-        if main {
-            self.queue_for_guest(&forward);
+        let frame = if main {
+            forward
         } else {
-            self.queue_for_guest(&Frame::Proc(id, Box::new(forward)));
-        }
+            Frame::Proc(id, Box::new(forward))
+        };
+        self.send_to_process(frame);
     }
 
     fn first_frame(&mut self, idx: usize, frame: Frame) {
@@ -278,7 +316,7 @@ impl Monitor {
                 self.maybe_send_spec();
             }
             Request::Exec(spec) => {
-                if self.outcome.is_some() || self.spec.is_some() {
+                if self.outcome.is_some() {
                     client.send(&Frame::Failed {
                         code: 125,
                         message: "the container is not running".into(),
@@ -290,8 +328,10 @@ impl Monitor {
                 let id = self.next_exec;
                 client.role = Role::Exec(id);
                 self.exec_owner.insert(id, idx);
-                let json = serde_json::to_vec(&spec).unwrap_or_default();
-                self.queue_for_guest(&Frame::Exec(id, json));
+                self.send_to_process(Frame::Exec(
+                    id,
+                    serde_json::to_vec(&spec).unwrap_or_default(),
+                ));
             }
             Request::Signal(sig) => {
                 client.role = Role::Waiting;
@@ -426,7 +466,10 @@ impl Monitor {
             if c.gone {
                 if let Role::Exec(id) = c.role {
                     if self.exec_owner.remove(&id).is_some() {
-                        self.queue_for_guest(&Frame::Proc(id, Box::new(Frame::Signal(libc::SIGKILL))));
+                        self.queue_for_guest(&Frame::Proc(
+                            id,
+                            Box::new(Frame::Signal(libc::SIGKILL)),
+                        ));
                     }
                 }
             } else {
@@ -461,7 +504,7 @@ impl Monitor {
                     revents: 0,
                 },
             ];
-            let accept_input = self.guest_out.len() < GUEST_QUEUE_MAX;
+            let accept_input = self.guest_out.len() + self.held_bytes < GUEST_QUEUE_MAX;
             for c in &self.clients {
                 let mut events = if c.out.is_empty() { 0 } else { libc::POLLOUT };
                 if accept_input {
@@ -599,6 +642,10 @@ fn run_locked(
         stop_deadline: None,
         force_deadline: None,
         exit_signal: exit_signal.clone(),
+        image_disk: Some(image_disk),
+        main_running: false,
+        held: Vec::new(),
+        held_bytes: 0,
     };
     let looped = monitor.run(&listener);
     if looped.is_err() {
@@ -607,7 +654,9 @@ fn run_locked(
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     let vm_exit = vm.join().map_err(|_| "the VMM thread panicked")?;
-    crate::run::finish_image_disk(&image_disk, monitor.notes.iter().any(|n| n == "root ready"));
+    if let Some(disk) = monitor.image_disk.take() {
+        crate::run::finish_image_disk(&disk, false);
+    }
 
     let (code, error) = match (&monitor.outcome, &vm_exit) {
         (Some(MainOutcome::Exited(code)), _) => (*code, None),
@@ -623,6 +672,15 @@ fn run_locked(
     if monitor.outcome.is_none() {
         let message = error.clone().unwrap_or_default();
         monitor.broadcast_main(&Frame::Failed { code, message });
+    }
+    // Execs the guest never answered (it ended first).
+    for idx in std::mem::take(&mut monitor.exec_owner).into_values() {
+        if let Some(c) = monitor.clients.get_mut(idx) {
+            c.send(&Frame::Failed {
+                code: 125,
+                message: "the container is not running".into(),
+            });
+        }
     }
     container.update_state(|s| {
         s.status = Status::Exited;

@@ -410,6 +410,23 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
     let prep_ms = started.elapsed().as_millis();
     tracing::debug!("host prep done in {prep_ms} ms (image, container, monitor)");
     let code = crate::client::attach(&store, &container, args.interactive, args.tty, debug)?;
+    // Return once the monitor has recorded the end (and, with --rm, removed
+    // the container), so the next hull command sees it; bounded, in case the
+    // guest hangs on its way down (the monitor then stops it).
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let done = if args.rm {
+            !container.dir.exists()
+        } else {
+            container
+                .state()
+                .is_ok_and(|s| s.status == container::Status::Exited)
+        };
+        if done {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     if debug {
         eprintln!("hull: timing: total {} ms", started.elapsed().as_millis());
     }

@@ -298,6 +298,10 @@ pub fn run(
         {
             break;
         }
+        // The init sends a process's whole output before its end: done.
+        if s.outcome.is_some() {
+            break;
+        }
         if let Some(i) = stdin_slot {
             if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 s.read_stdin(fds[i].fd)?;

@@ -27,6 +27,8 @@
 //! of CPUs) host CPUs together.
 
 #![allow(dead_code)]
+// Helpers panic on failure, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -669,8 +671,8 @@ pub fn run_checked(cmd: &mut Command) -> Output {
 }
 
 fn is_root() -> bool {
-    // Without libc: root's files in /proc/self are owned by uid 0.
-    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self")) == 0
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A real registry (Debian's `docker-registry`, the CNCF distribution
@@ -870,8 +872,20 @@ impl OciImage {
 
     /// The digest (`sha256:<hex>`) of the image's manifest, from `index.json`.
     pub fn manifest_digest(&self) -> String {
-        let index = std::fs::read_to_string(self.layout.join("index.json")).expect("index.json");
-        json_string_after(&index, "\"digest\"").expect("a digest in index.json")
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.layout.join("index.json")).expect("read index.json"),
+        )
+        .expect("index.json is JSON");
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("a manifest digest in index.json")
+            .to_owned()
+    }
+
+    /// The manifest, parsed.
+    pub fn manifest(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.blob_file(&self.manifest_digest())).expect("read manifest");
+        serde_json::from_slice(&bytes).expect("the manifest is JSON")
     }
 
     /// The file of blob `sha256:<hex>` in the layout.
@@ -879,14 +893,6 @@ impl OciImage {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         self.layout.join("blobs/sha256").join(hex)
     }
-}
-
-/// The first JSON string value after `key` in `json` (enough for the small,
-/// flat documents umoci writes; use serde_json for more).
-fn json_string_after(json: &str, key: &str) -> Option<String> {
-    let rest = &json[json.find(key)? + key.len()..];
-    let rest = &rest[rest.find('"')? + 1..];
-    Some(rest[..rest.find('"')?].to_owned())
 }
 
 /// Fills `rootfs` with busybox-static (`/bin/busybox` of this host) as

@@ -1,6 +1,7 @@
 //! hull's init: PID 1 of the guest. It mounts what it needs, says `Ready`,
 //! takes the run spec, builds the container's root, runs the command with
-//! its stdio on the control channel, reports how it ended and powers off.
+//! its stdio on the control channel (and any process the host execs in the
+//! meantime), reports how it ended and powers off.
 //!
 //! It never returns and never panics on purpose: every failure becomes a
 //! `Failed` frame (and a console line), then the VM ends.
@@ -18,11 +19,27 @@ use std::time::Instant;
 
 use crate::command::{self, StartError};
 use crate::protocol::{Frame, ProtocolError};
-use crate::spec::RunSpec;
+use crate::spec::{ExecSpec, RunSpec};
 use crate::sys;
 use crate::user;
 use channel::{console, Channel};
 use events::Outcome;
+
+/// The first frame from the host that is neither an exec request (refused:
+/// nothing runs yet) nor a frame for an exec'd process (ignored).
+fn recv_spec(chan: &mut Channel) -> Result<Frame, ProtocolError> {
+    loop {
+        match chan.recv()? {
+            Frame::Exec(0, _) | Frame::Proc(..) => {}
+            Frame::Exec(id, _) => {
+                if refuse_exec(chan, id).is_err() {
+                    return Err(ProtocolError::Closed);
+                }
+            }
+            f => return Ok(f),
+        }
+    }
+}
 
 /// The init's state that outlives the run, for the shutdown.
 #[derive(Debug)]
@@ -85,7 +102,7 @@ impl Init {
         let mut chan = Channel::open(self.start).map_err(|e| runtime(channel::DEVICE, &e))?;
         chan.send(&Frame::Ready)
             .map_err(|e| runtime("send Ready", &e))?;
-        let spec = match chan.recv() {
+        let spec = match recv_spec(&mut chan) {
             Ok(Frame::Spec(json)) => json,
             Ok(other) => {
                 self.chan = Some(chan);
@@ -177,8 +194,9 @@ impl Init {
 }
 
 /// Runs the container's process in the current root and forwards its stdio
-/// until it ends: `Ok(Some(code))` when it exited, `Ok(None)` when the host
-/// went away (everything is killed then).
+/// (and that of processes exec'd meanwhile) until it ends: `Ok(Some(code))`
+/// when it exited, `Ok(None)` when the host went away (everything is killed
+/// then).
 ///
 /// # Errors
 /// The process could not start (125/126/127), or the host broke the protocol.
@@ -186,10 +204,10 @@ pub fn run_container(chan: &mut Channel, spec: &RunSpec) -> Result<Option<i32>, 
     let mut early = Vec::new();
     let mut winsize = None;
     take_early_frames(chan, &mut early, &mut winsize)?;
-    let prepared = prepare(spec, winsize)?;
+    let prepared = prepare_main(spec, winsize)?;
     let child = process::spawn(&prepared)?;
     chan.note(format!("exec {}", prepared.path.to_string_lossy()));
-    match events::run(chan, child, spec.stdin, early) {
+    match events::run(chan, child, spec, &early) {
         Outcome::Exited(code) => {
             chan.note(format!("exited {code}"));
             Ok(Some(code))
@@ -204,8 +222,21 @@ pub fn run_container(chan: &mut Channel, spec: &RunSpec) -> Result<Option<i32>, 
     }
 }
 
+/// Answers an exec request that came before the container runs.
+fn refuse_exec(chan: &Channel, id: u32) -> Result<(), StartError> {
+    chan.send(&Frame::Proc(
+        id,
+        Box::new(Frame::Failed {
+            code: 125,
+            message: events::NOT_RUNNING.into(),
+        }),
+    ))
+    .map_err(|e| runtime("control channel", &e))
+}
+
 /// Frames the host sent while the root was being built: the last `Resize`
-/// sizes the pty; the rest wait for the process.
+/// sizes the pty; exec requests are refused (the container is not running
+/// yet); the rest wait for the process.
 fn take_early_frames(
     chan: &mut Channel,
     early: &mut Vec<Frame>,
@@ -218,6 +249,10 @@ fn take_early_frames(
         {
             match f {
                 Frame::Resize(r, c) => *winsize = Some((r, c)),
+                Frame::Exec(id, _) if id != 0 => refuse_exec(chan, id)?,
+                // Id 0 (would read as the main process's: not answered), or
+                // for an exec'd process that cannot exist yet.
+                Frame::Exec(..) | Frame::Proc(..) => {}
                 f => early.push(f),
             }
         }
@@ -228,34 +263,91 @@ fn take_early_frames(
     }
 }
 
+/// A process to start in the container, in the container's terms.
+struct Launch<'a> {
+    args: &'a [String],
+    /// `KEY=VALUE` pairs before the init's additions.
+    env: Vec<String>,
+    hostname: &'a str,
+    cwd: &'a str,
+    user: &'a str,
+    tty: bool,
+    stdin: bool,
+    winsize: Option<(u16, u16)>,
+    /// The main process: its working directory is created when missing and
+    /// its pty is also `/dev/console`.
+    main: bool,
+}
+
+fn prepare_main(
+    spec: &RunSpec,
+    winsize: Option<(u16, u16)>,
+) -> Result<process::Prepared, StartError> {
+    prepare(&Launch {
+        args: &spec.args,
+        env: spec.env.clone(),
+        hostname: &spec.hostname,
+        cwd: &spec.cwd,
+        user: &spec.user,
+        tty: spec.tty,
+        stdin: spec.stdin,
+        winsize,
+        main: true,
+    })
+}
+
+/// Prepares an exec'd process in the running container (`spec` is the
+/// container's): its environment is the container's, with `exec.env` on
+/// top, and the init's additions as docker makes them for `docker exec`
+/// (`PATH`, `HOSTNAME`, `TERM` with the exec's tty, `HOME` of the exec's
+/// user); working directory and user default to the container's.
+///
+/// # Errors
+/// The user cannot be resolved, the command not found (125/126/127).
+pub(crate) fn prepare_exec(
+    spec: &RunSpec,
+    exec: &ExecSpec,
+    winsize: Option<(u16, u16)>,
+) -> Result<process::Prepared, StartError> {
+    prepare(&Launch {
+        args: &exec.args,
+        env: spec.env.iter().chain(&exec.env).cloned().collect(),
+        hostname: &spec.hostname,
+        cwd: exec.cwd.as_deref().unwrap_or(&spec.cwd),
+        user: exec.user.as_deref().unwrap_or(&spec.user),
+        tty: exec.tty,
+        stdin: exec.stdin,
+        winsize,
+        main: false,
+    })
+}
+
 /// Resolves the user, environment, working directory and executable (in the
 /// container's root, which is `/` by now).
-fn prepare(spec: &RunSpec, winsize: Option<(u16, u16)>) -> Result<process::Prepared, StartError> {
+fn prepare(l: &Launch<'_>) -> Result<process::Prepared, StartError> {
     let passwd = read_small("/etc/passwd");
     let group = read_small("/etc/group");
-    let u = user::resolve(&spec.user, passwd.as_deref(), group.as_deref())
+    let u = user::resolve(l.user, passwd.as_deref(), group.as_deref())
         .map_err(|m| StartError::new(125, m))?;
-    let env = command::environment(&spec.env, &u.home, &spec.hostname, spec.tty);
-    let cwd = if spec.cwd.is_empty() {
-        "/".to_string()
-    } else {
-        spec.cwd.clone()
-    };
+    let env = command::environment(&l.env, &u.home, l.hostname, l.tty);
+    let cwd = if l.cwd.is_empty() { "/" } else { l.cwd };
     if !cwd.starts_with('/') {
         return Err(StartError::new(
             125,
             format!("the working directory {cwd:?} is not absolute"),
         ));
     }
-    // Created as root when missing, as docker does.
-    if let Err(e) = std::fs::create_dir_all(&cwd) {
-        return Err(StartError::new(125, format!("mkdir {cwd}: {e}")));
+    if l.main {
+        // Created as root when missing, as docker does (not for `exec`).
+        if let Err(e) = std::fs::create_dir_all(cwd) {
+            return Err(StartError::new(125, format!("mkdir {cwd}: {e}")));
+        }
     }
-    let name = spec.args[0].clone();
+    let name = l.args.first().cloned().unwrap_or_default();
     let path_env = command::getenv(&env, "PATH").unwrap_or(command::DEFAULT_PATH);
-    let path = command::find_executable(&name, path_env, &cwd, Path::new("/"))?;
+    let path = command::find_executable(&name, path_env, cwd, Path::new("/"))?;
     let path = c(&path.to_string_lossy(), "the command")?;
-    let argv = spec
+    let argv = l
         .args
         .iter()
         .map(|a| c(a, "an argument"))
@@ -268,14 +360,15 @@ fn prepare(spec: &RunSpec, winsize: Option<(u16, u16)>) -> Result<process::Prepa
         path,
         argv,
         envp,
-        cwd: c(&cwd, "the working directory")?,
+        cwd: c(cwd, "the working directory")?,
         name,
         uid: u.uid,
         gid: u.gid,
         groups: u.groups,
-        tty: spec.tty,
-        stdin: spec.stdin,
-        winsize,
+        tty: l.tty,
+        stdin: l.stdin,
+        winsize: l.winsize,
+        console: l.main,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Prepared {
     pub stdin: bool,
     /// Initial terminal size (rows, columns).
     pub winsize: Option<(u16, u16)>,
+    /// With a tty: make it `/dev/console` too (the main process's).
+    pub console: bool,
 }
 
 /// The running process, seen from the init.
@@ -119,7 +121,9 @@ pub fn spawn(p: &Prepared) -> Result<Child, StartError> {
         if let Some((rows, cols)) = p.winsize {
             set_winsize(master.as_raw_fd(), rows, cols);
         }
-        crate::init::mounts::bind_console(std::path::Path::new(&*slave.to_string_lossy()));
+        if p.console {
+            crate::init::mounts::bind_console(std::path::Path::new(&*slave.to_string_lossy()));
+        }
         child.pty = Some(master);
         ChildIo::Pty { slave }
     } else {

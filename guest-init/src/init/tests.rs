@@ -5,7 +5,7 @@
 //! Needs root (CI has it); skipped otherwise.
 
 use super::*;
-use crate::spec::{Compression, LayerSpec, RootfsSpec};
+use crate::spec::{Compression, ExecSpec, LayerSpec, RootfsSpec};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -39,6 +39,10 @@ struct Run {
     stderr: Vec<u8>,
     last: Option<Frame>,
     notes: Vec<String>,
+    /// Exec'd processes by id.
+    procs: std::collections::BTreeMap<u32, Run>,
+    /// Every `Exited`/`Failed` in the order they came: (id, frame), 0 the main one.
+    ends: Vec<(u32, Frame)>,
 }
 
 impl Run {
@@ -165,21 +169,75 @@ impl Guest {
         f.write_to(&mut self.host).unwrap();
     }
 
-    /// Reads frames until the last one, then waits for the guest.
-    fn finish(mut self) -> Run {
-        let mut run = Run::default();
-        loop {
-            match Frame::read_from(&mut self.host).unwrap() {
-                Frame::Stdout(b) => run.stdout.extend(b),
-                Frame::Stderr(b) => run.stderr.extend(b),
-                Frame::Note(_, n) => run.notes.push(n),
-                f @ (Frame::Exited(_) | Frame::Failed { .. }) => {
-                    run.last = Some(f);
-                    break;
-                }
-                other => panic!("unexpected frame {other:?}"),
+    /// Reads one frame from the guest into `run`.
+    fn read_one(&mut self, run: &mut Run) {
+        let f = Frame::read_from(&mut self.host).unwrap();
+        let (id, f) = match f {
+            Frame::Proc(id, inner) => (id, *inner),
+            f => (0, f),
+        };
+        let r = if id == 0 {
+            &mut *run
+        } else {
+            run.procs.entry(id).or_default()
+        };
+        match f {
+            Frame::Stdout(b) => r.stdout.extend(b),
+            Frame::Stderr(b) => r.stderr.extend(b),
+            Frame::Note(_, n) if id == 0 => r.notes.push(n),
+            f @ (Frame::Exited(_) | Frame::Failed { .. }) => {
+                r.last = Some(f.clone());
+                run.ends.push((id, f));
             }
+            other => panic!("unexpected frame {other:?} for {id}"),
         }
+    }
+
+    /// Reads frames into `run` until `done` holds.
+    fn read_until(&mut self, run: &mut Run, done: impl Fn(&Run) -> bool) {
+        while !done(run) {
+            self.read_one(run);
+        }
+    }
+
+    /// Reads frames into `run` until exec'd process `id` has ended; its record.
+    fn wait_proc<'r>(&mut self, run: &'r mut Run, id: u32) -> &'r Run {
+        self.read_until(run, |r| r.procs.get(&id).is_some_and(|p| p.last.is_some()));
+        &run.procs[&id]
+    }
+
+    /// Reads frames until the main process has started (its "exec" note).
+    fn started(&mut self) -> Run {
+        let mut run = Run::default();
+        self.read_until(&mut run, |r| {
+            r.notes.iter().any(|n| n.starts_with("exec /"))
+        });
+        run
+    }
+
+    /// Sends an exec request (and, in the same write, `then`).
+    fn exec(&mut self, id: u32, spec: &ExecSpec, then: &[Frame]) {
+        let mut bytes = Frame::Exec(id, serde_json::to_vec(spec).unwrap())
+            .encode()
+            .unwrap();
+        for f in then {
+            bytes.extend(f.encode().unwrap());
+        }
+        std::io::Write::write_all(&mut self.host, &bytes).unwrap();
+    }
+
+    fn proc(&mut self, id: u32, f: Frame) {
+        self.send(&Frame::Proc(id, Box::new(f)));
+    }
+
+    /// Reads frames until the last one, then waits for the guest.
+    fn finish(self) -> Run {
+        self.finish_with(Run::default())
+    }
+
+    /// [`Self::finish`], adding to what was read already.
+    fn finish_with(mut self, mut run: Run) -> Run {
+        self.read_until(&mut run, |r| r.last.is_some());
         let mut status = 0;
         // SAFETY: waiting for our own forked child.
         unsafe { libc::waitpid(self.pid, &mut status, 0) };
@@ -341,6 +399,382 @@ fn tty_mode_sizes_and_merges_output() {
     assert_eq!(r.out(), "33 99\r\ntty\r\nerr\r\nxterm\r\n");
     assert!(r.stderr.is_empty());
     assert_eq!(r.last, Some(Frame::Exited(0)));
+}
+
+fn exec(args: &[&str]) -> ExecSpec {
+    ExecSpec {
+        args: args.iter().map(ToString::to_string).collect(),
+        env: Vec::new(),
+        cwd: None,
+        user: None,
+        tty: false,
+        stdin: false,
+    }
+}
+
+fn exited(code: i32) -> Option<Frame> {
+    Some(Frame::Exited(code))
+}
+
+/// Ends the main `sleep` with SIGTERM; the run, checked to end with 143.
+fn stop(mut g: Guest, run: Run) -> Run {
+    g.send(&Frame::Signal(libc::SIGTERM));
+    let r = g.finish_with(run);
+    assert_eq!(r.last, exited(143), "{r:?}");
+    r
+}
+
+#[test]
+fn exec_runs_beside_the_main_process() {
+    let Some(mut g) = start(&spec(&["sleep", "30"])) else {
+        return;
+    };
+    let mut run = g.started();
+    g.exec(
+        1,
+        &exec(&["sh", "-c", "echo out; echo err >&2; exit 5"]),
+        &[],
+    );
+    let p = g.wait_proc(&mut run, 1);
+    assert_eq!(p.out(), "out\n");
+    assert_eq!(p.stderr, b"err\n");
+    assert_eq!(p.last, exited(5));
+
+    // A background process holding its pipes, or even writing on, does not
+    // keep the exec's end from being reported.
+    let t = Instant::now();
+    g.exec(2, &exec(&["sh", "-c", "sleep 30 & echo bg; exit 4"]), &[]);
+    g.exec(
+        3,
+        &exec(&[
+            "sh",
+            "-c",
+            "(while :; do echo x; sleep 0.05; done) & exit 3",
+        ]),
+        &[],
+    );
+    assert_eq!(g.wait_proc(&mut run, 2).last, exited(4));
+    assert_eq!(run.procs[&2].out(), "bg\n");
+    assert_eq!(g.wait_proc(&mut run, 3).last, exited(3));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // The main process is untouched.
+    let r = stop(g, run);
+    assert!(r.stdout.is_empty() && r.stderr.is_empty());
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("exec 1: /")),
+        "{:?}",
+        r.notes
+    );
+}
+
+#[test]
+fn exec_environment_working_directory_and_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path().join("made/by/init");
+    let mut s = spec(&["sleep", "30"]);
+    s.env = vec!["FOO=main".into(), "BAR=keep".into()];
+    s.user = "65534:4242".into();
+    s.cwd = cwd.to_str().unwrap().into();
+    let Some(mut g) = start(&s) else { return };
+    let mut run = g.started();
+    let script = "echo \"$FOO $BAR $NEW $HOSTNAME $PATH\"; id -u; id -g; pwd; echo $HOME";
+    // The container's by default...
+    g.exec(1, &exec(&["sh", "-c", script]), &[]);
+    let p = g.wait_proc(&mut run, 1);
+    assert_eq!(
+        p.out(),
+        format!(
+            "main keep  box {}\n65534\n4242\n{}\n{}\n",
+            command::DEFAULT_PATH,
+            cwd.display(),
+            home_of_65534()
+        )
+    );
+    assert_eq!(p.last, exited(0));
+    // ...or the exec's.
+    let mut e = exec(&["sh", "-c", script]);
+    e.env = vec![
+        "FOO=exec".into(),
+        "NEW=1".into(),
+        "PATH=/usr/bin:/bin".into(),
+    ];
+    e.cwd = Some("/".into());
+    e.user = Some("0:4343".into());
+    g.exec(2, &e, &[]);
+    let p = g.wait_proc(&mut run, 2);
+    let root_home = {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        user::resolve("0", Some(&passwd), None).unwrap().home
+    };
+    assert_eq!(
+        p.out(),
+        format!("exec keep 1 box /usr/bin:/bin\n0\n4343\n/\n{root_home}\n")
+    );
+    assert_eq!(p.last, exited(0));
+    stop(g, run);
+}
+
+#[test]
+fn exec_stdin_and_concurrent_processes() {
+    let Some(mut g) = start(&spec(&["sleep", "30"])) else {
+        return;
+    };
+    let mut run = g.started();
+    let mut cat = exec(&["cat"]);
+    cat.stdin = true;
+    g.exec(1, &cat, &[]);
+    g.exec(2, &cat, &[]);
+    g.exec(3, &exec(&["sh", "-c", "cat; echo done"]), &[]);
+    g.exec(4, &exec(&["sleep", "30"]), &[]);
+    g.proc(2, Frame::Stdin(b"two ".to_vec()));
+    g.proc(1, Frame::Stdin(b"one ".to_vec()));
+    g.proc(3, Frame::Stdin(b"ignored".to_vec()));
+    g.proc(2, Frame::Stdin(b"again".to_vec()));
+    g.proc(2, Frame::StdinEof);
+    g.proc(3, Frame::StdinEof);
+    g.proc(4, Frame::Signal(libc::SIGTERM));
+    // Frames for no process are ignored.
+    g.proc(99, Frame::Stdin(b"nobody".to_vec()));
+    g.proc(99, Frame::Signal(libc::SIGKILL));
+    g.proc(99, Frame::Exited(1));
+    assert_eq!(g.wait_proc(&mut run, 2).out(), "two again");
+    assert_eq!(g.wait_proc(&mut run, 3).out(), "done\n");
+    assert_eq!(g.wait_proc(&mut run, 4).last, exited(143));
+    // Process 1 still runs and reads.
+    assert!(run.procs.get(&1).is_none_or(|p| p.last.is_none()));
+    g.proc(1, Frame::Stdin(b"more".to_vec()));
+    g.proc(1, Frame::StdinEof);
+    let p = g.wait_proc(&mut run, 1);
+    assert_eq!(p.out(), "one more");
+    assert_eq!(p.last, exited(0));
+    for id in [2, 3] {
+        assert_eq!(run.procs[&id].last, exited(0));
+    }
+    stop(g, run);
+}
+
+#[test]
+fn exec_with_a_tty() {
+    let Some(mut g) = start(&spec(&["sleep", "30"])) else {
+        return;
+    };
+    let mut run = g.started();
+    let mut e = exec(&[
+        "sh",
+        "-c",
+        "tty; : </dev/tty && echo ctty; stty size; read x; stty size; echo err >&2; echo $TERM",
+    ]);
+    e.tty = true;
+    e.stdin = true;
+    // The size sent with the request is there from the start.
+    g.exec(7, &e, &[Frame::Proc(7, Box::new(Frame::Resize(10, 40)))]);
+    g.read_until(&mut run, |r| {
+        r.procs
+            .get(&7)
+            .is_some_and(|p| p.out().contains("10 40\r\n"))
+    });
+    g.proc(7, Frame::Resize(33, 99));
+    g.proc(7, Frame::Stdin(b"\n".to_vec()));
+    let p = g.wait_proc(&mut run, 7);
+    let out = p.out();
+    let lines: Vec<&str> = out.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 6, "{out:?}");
+    let n = lines[0].strip_prefix("/dev/pts/").unwrap_or("x");
+    assert!(n.parse::<u32>().is_ok(), "{out:?}");
+    assert_eq!(
+        &lines[1..],
+        ["ctty", "10 40", "33 99", "err", "xterm"],
+        "{out:?}"
+    );
+    assert!(p.stderr.is_empty());
+    assert_eq!(p.last, exited(0));
+    stop(g, run);
+}
+
+#[test]
+fn exec_failures_and_bad_requests() {
+    let mut s = spec(&["sleep", "30"]);
+    s.stdin = true;
+    // The first exec request comes before the main process starts.
+    let setup = |chan: &Channel| -> Result<(), StartError> {
+        let t = Instant::now();
+        while !chan.readable_now() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
+    let Some(mut g) = start_with(&s, libc::CLONE_NEWPID | libc::CLONE_NEWNS, setup) else {
+        return;
+    };
+    let mut run = Run::default();
+    let failed = |code: i32, message: &str| {
+        Some(Frame::Failed {
+            code,
+            message: message.into(),
+        })
+    };
+    g.exec(
+        1,
+        &exec(&["true"]),
+        &[Frame::Proc(1, Box::new(Frame::StdinEof))],
+    );
+    assert_eq!(
+        g.wait_proc(&mut run, 1).last,
+        failed(125, "container is not running")
+    );
+    g.read_until(&mut run, |r| {
+        r.notes.iter().any(|n| n.starts_with("exec /"))
+    });
+
+    g.exec(2, &exec(&["no-such-command-hull"]), &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 2).last,
+        failed(
+            127,
+            "exec: \"no-such-command-hull\": executable file not found in $PATH"
+        )
+    );
+    g.exec(3, &exec(&["/etc"]), &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 3).last,
+        failed(126, "exec: \"/etc\": is a directory")
+    );
+    let mut e = exec(&["true"]);
+    e.user = Some("ghost-user-hull".into());
+    g.exec(4, &e, &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 4).last,
+        failed(
+            125,
+            "unable to find user ghost-user-hull: no matching entries in passwd file"
+        )
+    );
+    let mut e = exec(&["true"]);
+    e.cwd = Some("relative".into());
+    g.exec(5, &e, &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 5).last.as_ref().map(code_of),
+        Some(125)
+    );
+    g.exec(6, &exec(&[]), &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 6).last,
+        failed(125, "no command given")
+    );
+    g.send(&Frame::Exec(8, b"not json".to_vec()));
+    assert_eq!(
+        g.wait_proc(&mut run, 8).last.as_ref().map(code_of),
+        Some(125)
+    );
+    // Id 0 would be the main process's: not answered at all.
+    g.exec(0, &exec(&["true"]), &[]);
+
+    // A live id cannot be taken again; the process keeps it.
+    let mut cat = exec(&["cat"]);
+    cat.stdin = true;
+    g.exec(9, &cat, &[]);
+    g.exec(9, &exec(&["true"]), &[]);
+    assert_eq!(
+        g.wait_proc(&mut run, 9).last,
+        failed(125, "exec id 9 is already in use")
+    );
+    g.proc(9, Frame::Stdin(b"still here".to_vec()));
+    g.proc(9, Frame::StdinEof);
+    g.read_until(&mut run, |r| r.procs[&9].last == exited(0));
+    assert_eq!(run.procs[&9].out(), "still here");
+
+    // Frames the guest does not take are ignored.
+    g.send(&Frame::Ready);
+    g.send(&Frame::Spec(b"{}".to_vec()));
+    g.send(&Frame::Proc(9, Box::new(Frame::Stdout(b"x".to_vec()))));
+    g.send(&Frame::Signal(0));
+    g.send(&Frame::Signal(1000));
+    // ...and the main process still runs and takes its own frames.
+    g.send(&Frame::StdinEof);
+    stop(g, run);
+}
+
+fn code_of(f: &Frame) -> i32 {
+    match f {
+        Frame::Failed { code, .. } => *code,
+        other => panic!("not a failure: {other:?}"),
+    }
+}
+
+#[test]
+fn exec_processes_are_killed_when_the_main_one_ends() {
+    let mut s = spec(&["sh", "-c", "read x; echo main-done; exit 7"]);
+    s.stdin = true;
+    let Some(mut g) = start(&s) else { return };
+    let mut run = g.started();
+    g.exec(1, &exec(&["sh", "-c", "echo started; exec sleep 60"]), &[]);
+    let mut e = exec(&["sleep", "60"]);
+    e.tty = true;
+    g.exec(2, &e, &[]);
+    let mut e = exec(&["sh", "-c", "trap '' TERM HUP; sleep 60 & wait"]);
+    e.stdin = true;
+    g.exec(3, &e, &[]);
+    g.read_until(&mut run, |r| {
+        r.procs.get(&1).is_some_and(|p| p.out() == "started\n")
+    });
+    let t = Instant::now();
+    g.send(&Frame::Stdin(b"\n".to_vec()));
+    let r = g.finish_with(run);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.out(), "main-done\n");
+    assert_eq!(r.last, exited(7));
+    // Every exec'd process is reported killed, before the main one's end.
+    assert_eq!(r.ends.len(), 4, "{:?}", r.ends);
+    assert_eq!(r.ends[3], (0, Frame::Exited(7)));
+    let mut killed: Vec<u32> = r.ends[..3]
+        .iter()
+        .map(|(id, f)| {
+            assert_eq!(*f, Frame::Exited(137), "{id}");
+            *id
+        })
+        .collect();
+    killed.sort_unstable();
+    assert_eq!(killed, [1, 2, 3]);
+}
+
+#[test]
+fn exec_processes_are_bounded() {
+    let Some(mut g) = start(&spec(&["sleep", "30"])) else {
+        return;
+    };
+    let mut run = g.started();
+    let max = u32::try_from(events::MAX_EXECS).unwrap();
+    for id in 1..=max + 1 {
+        g.exec(id, &exec(&["sleep", "60"]), &[]);
+    }
+    assert_eq!(
+        g.wait_proc(&mut run, max + 1).last,
+        Some(Frame::Failed {
+            code: 125,
+            message: format!("too many exec'd processes (at most {max} at once)")
+        })
+    );
+    // One ends: there is room for another.
+    g.proc(1, Frame::Signal(libc::SIGKILL));
+    assert_eq!(g.wait_proc(&mut run, 1).last, exited(137));
+    g.exec(max + 2, &exec(&["echo", "room"]), &[]);
+    assert_eq!(g.wait_proc(&mut run, max + 2).out(), "room\n");
+    let r = stop(g, run);
+    assert_eq!(r.procs.len(), events::MAX_EXECS + 2);
+    for id in 2..=max {
+        assert_eq!(r.procs[&id].last, exited(137), "{id}");
+    }
+    let main_end = r.ends.iter().position(|(id, _)| *id == 0);
+    assert_eq!(main_end, Some(r.ends.len() - 1));
 }
 
 /// A layer blob file, padded like a disk with bytes that are not tar.

@@ -1,0 +1,193 @@
+//! Container lifecycle, for real in the emulated KVM host: detached
+//! containers, ps/logs/stop/kill/wait/inspect/rm/prune, a monitor killed
+//! with SIGKILL, exec into a running container, and errors for unknown names.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod common;
+
+use common::{EmulatedHost, HostRun};
+
+/// The prelude every script needs: PATH with mkfs.ext4, the kernel, and a
+/// helper that prints a command's status as `NAME=status`.
+const PRELUDE: &str =
+    "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
+
+fn host_run(script: &str) -> HostRun {
+    let run = EmulatedHost::new()
+        .with_hull_runtime()
+        .timeout(400)
+        .run(&format!("{PRELUDE}{script}"));
+    println!(
+        "--- emulated host output ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    run
+}
+
+fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+}
+
+#[test]
+fn detached_container_with_ps_logs_stop_wait_inspect_rm() {
+    let run = host_run(
+        r#"
+id=$(hull run -d --name ticker busybox sh -c 'trap "echo got TERM; exit 0" TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done')
+echo "run-d=$?"
+echo "id-len=${#id}"
+# Wait (bounded) until the container has printed something.
+for i in $(seq 1 60); do hull logs ticker | grep -q 'tick 1' && break; sleep 1; done
+hull ps > /tmp/ps; echo "ps=$?"; cat /tmp/ps
+echo "ps-lists=$(grep -c ' ticker$' /tmp/ps)"
+echo "ps-q=$(hull ps -q)"
+echo "logs-tail=$(hull logs --tail 1 ticker | wc -l)"
+hull stop -t 10 ticker; echo "stop=$?"
+echo "wait=$(hull wait ticker)"
+echo "ps-after=$(hull ps -q | wc -l)"
+hull ps -a | grep ticker
+hull logs ticker | tail -1
+hull inspect ticker > /tmp/i; echo "inspect=$?"
+grep -E '"(Status|ExitCode|Name)"' /tmp/i
+hull rm ticker; echo "rm=$?"
+echo "ps-a-after-rm=$(hull ps -aq | wc -l)"
+"#,
+    );
+    let out = &run.stdout;
+    assert_eq!(value(out, "run-d="), Some("0"), "{out}");
+    assert_eq!(value(out, "id-len="), Some("64"), "{out}");
+    assert_eq!(value(out, "ps-lists="), Some("1"), "{out}");
+    assert_eq!(value(out, "ps-q=").map(str::len), Some(12), "{out}");
+    assert_eq!(value(out, "logs-tail="), Some("1"), "{out}");
+    assert_eq!(value(out, "stop="), Some("0"), "{out}");
+    assert_eq!(
+        value(out, "wait="),
+        Some("0"),
+        "the trap exits 0 on SIGTERM: {out}"
+    );
+    assert_eq!(value(out, "ps-after="), Some("0"), "{out}");
+    run.assert_stdout_contains("got TERM");
+    run.assert_stdout_contains("\"Status\": \"exited\"");
+    run.assert_stdout_contains("\"ExitCode\": 0");
+    assert_eq!(value(out, "rm="), Some("0"), "{out}");
+    assert_eq!(value(out, "ps-a-after-rm="), Some("0"), "{out}");
+}
+
+#[test]
+fn stop_kills_a_process_that_ignores_sigterm_within_the_grace_period() {
+    let run = host_run(
+        r#"
+hull run -d --name stubborn busybox sh -c 'trap "" TERM; echo ready; while true; do sleep 1; done' >/dev/null
+for i in $(seq 1 60); do hull logs stubborn | grep -q ready && break; sleep 1; done
+start=$(date +%s)
+hull stop -t 2 stubborn; echo "stop=$?"
+echo "took=$(( $(date +%s) - start ))"
+echo "wait=$(hull wait stubborn)"
+"#,
+    );
+    let out = &run.stdout;
+    assert_eq!(value(out, "stop="), Some("0"), "{out}");
+    let took: u64 = value(out, "took=").unwrap().parse().unwrap();
+    // 2 s of grace, then SIGKILL and the VM's shutdown (slow under emulation).
+    assert!((2..=15).contains(&took), "stop took {took} s: {out}");
+    assert_eq!(value(out, "wait="), Some("137"), "{out}");
+}
+
+#[test]
+fn a_killed_monitor_shows_as_exited_and_can_be_removed_and_prune_keeps_running_ones() {
+    let run = host_run(
+        r#"
+hull run -d --name victim busybox sleep 1000 >/dev/null
+hull run -d --name survivor busybox sleep 1000 >/dev/null
+hull run --name done busybox true; echo "done=$?"
+for i in $(seq 1 60); do [ "$(hull ps -q | wc -l)" = 2 ] && break; sleep 1; done
+pid=$(hull inspect victim | grep '"Pid"' | tr -dc 0-9)
+echo "pid-found=${pid:+yes}"
+kill -9 "$pid"
+sleep 1
+hull ps -a > /tmp/ps; cat /tmp/ps
+echo "victim-exited=$(grep ' victim$' /tmp/ps | grep -c Exited)"
+hull inspect victim | grep '"Error"'
+hull container prune > /tmp/prune; echo "prune=$?"; cat /tmp/prune
+echo "left=$(hull ps -a | grep -c -E ' (survivor|victim|done)$')"
+echo "survivor-running=$(hull ps | grep -c ' survivor$')"
+hull rm survivor; echo "rm-running=$?"
+hull rm -f survivor; echo "rm-f=$?"
+echo "all-gone=$(hull ps -aq | wc -l)"
+"#,
+    );
+    let out = &run.stdout;
+    assert_eq!(value(out, "done="), Some("0"), "{out}");
+    assert_eq!(value(out, "pid-found="), Some("yes"), "{out}");
+    assert_eq!(value(out, "victim-exited="), Some("1"), "{out}");
+    run.assert_stdout_contains("monitor died");
+    assert_eq!(value(out, "prune="), Some("0"), "{out}");
+    run.assert_stdout_contains("Total reclaimed space:");
+    // prune removed the dead victim and the finished one; the survivor runs on.
+    assert_eq!(value(out, "left="), Some("1"), "{out}");
+    assert_eq!(value(out, "survivor-running="), Some("1"), "{out}");
+    assert_eq!(value(out, "rm-running="), Some("1"), "{out}");
+    run.assert_stdout_contains("container survivor is running: stop it first, or use `hull rm -f`");
+    assert_eq!(value(out, "rm-f="), Some("0"), "{out}");
+    assert_eq!(value(out, "all-gone="), Some("0"), "{out}");
+}
+
+#[test]
+fn unknown_containers_are_clear_errors() {
+    // No VM needed: these fail before any is started, so run them here.
+    let root = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["logs", "nosuch"],
+        vec!["stop", "nosuch"],
+        vec!["rm", "nosuch"],
+        vec!["inspect", "nosuch"],
+        vec!["exec", "nosuch", "true"],
+        vec!["kill", "nosuch"],
+        vec!["wait", "nosuch"],
+    ] {
+        let out = std::process::Command::new(common::hull_bin())
+            .args(&args)
+            .env("HULL_ROOT", root.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains("no such container: nosuch"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn exec_runs_in_the_running_container_with_its_own_status_env_and_stdin() {
+    let run = host_run(
+        r#"
+hull run -d --name box -e FOO=from-run busybox sh -c 'echo hi > /tmp/made-by-main; sleep 1000' >/dev/null
+# Straight after `run -d`: the exec waits for the container's process to run.
+out=$(hull exec box sh -c 'cat /tmp/made-by-main; echo "FOO=$FOO"; exit 4'); echo "exec=$?"
+echo "$out" | sed 's/^/out: /'
+echo "env-override=$(hull exec -e FOO=from-exec box sh -c 'echo $FOO')"
+echo "stdin=$(echo piped | hull exec -i box cat)"
+echo "no-stdin=[$(echo piped | hull exec box cat)]"
+echo "user=$(hull exec -u 65534 box id -u)"
+echo "cwd=$(hull exec -w /tmp box pwd)"
+hull exec box /no/such/command; echo "missing=$?"
+hull rm -f box; echo "rm-f=$?"
+hull exec box true; echo "exec-after-rm=$?"
+"#,
+    );
+    let out = &run.stdout;
+    assert_eq!(value(out, "exec="), Some("4"), "{out}");
+    run.assert_stdout_contains("out: hi");
+    run.assert_stdout_contains("out: FOO=from-run");
+    assert_eq!(value(out, "env-override="), Some("from-exec"), "{out}");
+    assert_eq!(value(out, "stdin="), Some("piped"), "{out}");
+    assert_eq!(value(out, "no-stdin="), Some("[]"), "{out}");
+    assert_eq!(value(out, "user="), Some("65534"), "{out}");
+    assert_eq!(value(out, "cwd="), Some("/tmp"), "{out}");
+    assert_eq!(value(out, "missing="), Some("127"), "{out}");
+    assert_eq!(value(out, "rm-f="), Some("0"), "{out}");
+    assert_eq!(value(out, "exec-after-rm="), Some("125"), "{out}");
+}
