@@ -191,3 +191,46 @@ hull exec box true; echo "exec-after-rm=$?"
     assert_eq!(value(out, "rm-f="), Some("0"), "{out}");
     assert_eq!(value(out, "exec-after-rm="), Some("125"), "{out}");
 }
+
+#[test]
+fn run_it_gives_a_real_terminal_with_echo_window_size_and_restores_the_host_terminal() {
+    // util-linux's `script` (needs only libc, already there for mkfs) drives
+    // a pty: hull's stdin is a terminal, 30x100, and input is typed into it.
+    let script = r#"
+cat > /opt/tty.sh <<'X'
+stty rows 30 cols 100
+hull run -it --rm busybox sh -c 'stty size; tty; read line; echo "got:$line"'
+echo "tty-exit=$?"
+stty -a | tr ' ' '\n' | grep -E '^-?(icanon|echo)$' | tr '\n' ' ' | sed 's/^/host-tty-after: /'; echo
+X
+printf 'typed-text\r' | script -q -e -c "sh /opt/tty.sh" /opt/typescript; echo "script=$?"
+"#;
+    let run = EmulatedHost::new()
+        .with_hull_runtime()
+        .file("/usr/bin/script", "/usr/bin/script")
+        .timeout(300)
+        .run(&format!("{PRELUDE}{script}"));
+    println!(
+        "--- emulated host output ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    let out = &run.stdout;
+    assert_eq!(value(out, "script="), Some("0"), "{out}");
+    assert_eq!(value(out, "tty-exit="), Some("0"), "{out}");
+    // The container's terminal has the host terminal's size...
+    assert!(
+        out.lines()
+            .any(|l| l.trim().trim_start_matches('\0').ends_with("30 100")),
+        "{out}"
+    );
+    // ...is a pty, and its line discipline echoes what is typed and hands over the line.
+    run.assert_stdout_contains("/dev/pts/");
+    assert!(
+        out.matches("typed-text").count() >= 2,
+        "no echo of the typed text: {out}"
+    );
+    run.assert_stdout_contains("got:typed-text");
+    // hull put the host terminal back as it found it (canonical, echoing).
+    assert_eq!(value(out, "host-tty-after:"), Some("icanon echo"), "{out}");
+}
