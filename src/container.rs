@@ -381,6 +381,13 @@ impl Containers {
     /// # Errors
     /// The directory cannot be removed.
     pub fn remove(&self, container: &Container) -> Result<u64, ContainerError> {
+        // A monitor that was killed leaves its socket behind.
+        if let Some(store_root) = self.root.parent() {
+            let _ = fs::remove_file(crate::monitor::socket_path(
+                store_root,
+                &container.config.id,
+            ));
+        }
         let size = dir_size(&container.dir);
         fs::remove_dir_all(&container.dir).map_err(io_err("cannot remove", &container.dir))?;
         Ok(size)

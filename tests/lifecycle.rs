@@ -111,7 +111,10 @@ sleep 1
 hull ps -a > /tmp/ps; cat /tmp/ps
 echo "victim-exited=$(grep ' victim$' /tmp/ps | grep -c Exited)"
 hull inspect victim | grep '"Error"'
+vid=$(hull inspect victim | grep '"Id"' | cut -d'"' -f4 | cut -c1-12)
+echo "victim-socket-before=$(ls /var/lib/hull/run/ | grep -c "^$vid.sock")"
 hull container prune > /tmp/prune; echo "prune=$?"; cat /tmp/prune
+echo "victim-socket-after=$(ls /var/lib/hull/run/ | grep -c "^$vid.sock")"
 echo "left=$(hull ps -a | grep -c -E ' (survivor|victim|done)$')"
 echo "survivor-running=$(hull ps | grep -c ' survivor$')"
 hull rm survivor; echo "rm-running=$?"
@@ -125,6 +128,9 @@ echo "all-gone=$(hull ps -aq | wc -l)"
     assert_eq!(value(out, "victim-exited="), Some("1"), "{out}");
     run.assert_stdout_contains("monitor died");
     assert_eq!(value(out, "prune="), Some("0"), "{out}");
+    // The killed monitor's socket is cleaned with the container.
+    assert_eq!(value(out, "victim-socket-before="), Some("1"), "{out}");
+    assert_eq!(value(out, "victim-socket-after="), Some("0"), "{out}");
     run.assert_stdout_contains("Total reclaimed space:");
     // prune removed the dead victim and the finished one; the survivor runs on.
     assert_eq!(value(out, "left="), Some("1"), "{out}");
