@@ -6,8 +6,7 @@
 //! host; everything that comes from the image is unpacked inside the guest,
 //! so hostile layer content never touches the host's file system.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -87,36 +86,6 @@ pub fn image_disk_size(layers_bytes: u64) -> u64 {
 
 /// Size of a container's scratch disk (sparse).
 pub const SCRATCH_DISK_SIZE: u64 = 4 << 30;
-
-/// An exclusive lock on a file, released on drop (`flock`).
-#[derive(Debug)]
-pub struct FileLock(#[allow(dead_code)] File); // held for its flock
-
-impl FileLock {
-    /// Blocks until `path` (created if needed) is locked exclusively.
-    ///
-    /// # Errors
-    /// The lock file cannot be opened or locked.
-    pub fn exclusive(path: &Path) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("cannot open lock", path))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory is involved.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                return Ok(Self(file));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(io_err("cannot lock", path)(e));
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@ use images::{Compression, Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
 use crate::container::{self, files, generated_name, Container, ContainerConfig, Containers};
-use crate::disks::{self, FileLock};
+use crate::disks;
 use crate::guest;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -227,7 +227,7 @@ pub fn forwarded_signals_fd(extra: &[libc::c_int]) -> std::io::Result<OwnedFd> {
 /// What a run of the image disk build needs to finish or undo.
 pub struct ImageDisk {
     path: PathBuf,
-    building: Option<(PathBuf, FileLock)>,
+    building: Option<(PathBuf, container::Lock)>,
 }
 
 /// The image's root disk: the finished one if it exists; otherwise a fresh,
@@ -243,7 +243,7 @@ fn image_disk(store: &Store, image: &Image) -> Result<ImageDisk> {
             building: None,
         });
     }
-    let lock = FileLock::exclusive(&dir.join("rootfs.lock"))?;
+    let lock = container::Lock::exclusive(&dir.join("rootfs.lock"))?;
     if path.is_file() {
         return Ok(ImageDisk {
             path,
