@@ -162,7 +162,11 @@ pub fn stop(store: &Store, container: &Container, timeout_secs: u64) -> Result<(
     if container.state()?.status != Status::Running {
         return Ok(());
     }
-    let mut stream = connect(store, container)?;
+    let Ok(mut stream) = connect(store, container) else {
+        // Its monitor is just finishing: the end is about to be recorded.
+        wait_exited(container);
+        return Ok(());
+    };
     request_frame(&Request::Stop { timeout_secs })?.write_to(&mut stream)?;
     // The monitor closes the connection when the container has ended.
     let mut sink = [0u8; 256];

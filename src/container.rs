@@ -389,8 +389,12 @@ impl Containers {
             ));
         }
         let size = dir_size(&container.dir);
-        fs::remove_dir_all(&container.dir).map_err(io_err("cannot remove", &container.dir))?;
-        Ok(size)
+        match fs::remove_dir_all(&container.dir) {
+            // Removed meanwhile (its monitor auto-removes a --rm container).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io_err("cannot remove", &container.dir)(e)),
+            Ok(()) => Ok(size),
+        }
     }
 }
 

@@ -127,7 +127,6 @@ struct Monitor {
     wait_attach_until: Option<Instant>,
     log: std::fs::File,
     outcome: Option<MainOutcome>,
-    notes: Vec<String>,
     next_exec: u32,
     exec_owner: HashMap<u32, usize>,
     stop_deadline: Option<Instant>,
@@ -172,6 +171,12 @@ impl Monitor {
             self.held_bytes += frame.encode().map_or(0, |b| b.len());
             self.held.push(frame);
         }
+    }
+
+    /// A signal for the main process: now, or once it runs (the init takes
+    /// nothing but the spec before that; a signal sent early would be lost).
+    fn signal_main(&mut self, signal: i32) {
+        self.send_to_process(Frame::Signal(signal));
     }
 
     fn maybe_send_spec(&mut self) {
@@ -230,7 +235,6 @@ impl Monitor {
                         self.queue_for_guest(&held);
                     }
                 }
-                self.notes.push(text.clone());
                 self.broadcast_main(&frame);
             }
             Frame::Exited(code) => {
@@ -279,12 +283,16 @@ impl Monitor {
             Frame::Signal(_) | Frame::Resize(..) => frame,
             _ => return,
         };
-        let frame = if main {
-            forward
+        if main {
+            match forward {
+                Frame::Signal(n) => self.signal_main(n),
+                // The init reads the size the terminal starts with next to the spec.
+                Frame::Resize(..) if self.spec.is_none() => self.queue_for_guest(&forward),
+                other => self.send_to_process(other),
+            }
         } else {
-            Frame::Proc(id, Box::new(forward))
-        };
-        self.send_to_process(frame);
+            self.send_to_process(Frame::Proc(id, Box::new(forward)));
+        }
     }
 
     fn first_frame(&mut self, idx: usize, frame: Frame) {
@@ -336,12 +344,14 @@ impl Monitor {
             Request::Signal(sig) => {
                 client.role = Role::Waiting;
                 client.gone = true;
-                self.queue_for_guest(&Frame::Signal(sig));
+                self.signal_main(sig);
             }
             Request::Stop { timeout_secs } => {
                 client.role = Role::Waiting;
-                self.queue_for_guest(&Frame::Signal(libc::SIGTERM));
-                let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+                self.signal_main(libc::SIGTERM);
+                let deadline = Instant::now()
+                    .checked_add(Duration::from_secs(timeout_secs))
+                    .unwrap_or_else(Instant::now);
                 self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
             }
         }
@@ -351,7 +361,7 @@ impl Monitor {
         let now = Instant::now();
         if self.stop_deadline.is_some_and(|d| now >= d) {
             self.stop_deadline = None;
-            self.queue_for_guest(&Frame::Signal(libc::SIGKILL));
+            self.signal_main(libc::SIGKILL);
             self.force_deadline = Some(now + KILL_GRACE);
         }
         if self.force_deadline.is_some_and(|d| now >= d) {
@@ -367,7 +377,8 @@ impl Monitor {
         [
             self.stop_deadline,
             self.force_deadline,
-            self.wait_attach_until.filter(|_| self.spec.is_some()),
+            self.wait_attach_until
+                .filter(|_| self.ready && self.spec.is_some()),
         ]
         .into_iter()
         .flatten()
@@ -507,7 +518,9 @@ impl Monitor {
             let accept_input = self.guest_out.len() + self.held_bytes < GUEST_QUEUE_MAX;
             for c in &self.clients {
                 let mut events = if c.out.is_empty() { 0 } else { libc::POLLOUT };
-                if accept_input {
+                // Input for processes waits while the guest is behind; requests
+                // (stop, kill, a new attach) are always read.
+                if accept_input || matches!(c.role, Role::New | Role::Waiting) {
                     events |= libc::POLLIN;
                 }
                 fds.push(libc::pollfd {
@@ -636,7 +649,6 @@ fn run_locked(
         wait_attach_until: wait_attach.then(|| Instant::now() + ATTACH_WAIT),
         log,
         outcome: None,
-        notes: Vec::new(),
         next_exec: 0,
         exec_owner: HashMap::new(),
         stop_deadline: None,

@@ -372,7 +372,13 @@ pub fn start_monitor(
     let socket = crate::monitor::socket_path(store.root(), &container.config.id);
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        if UnixStream::connect(&socket).is_ok() {
+        // Ready once it answers and has recorded the container as running, so
+        // a `hull stop` or `kill` right after `run -d` finds it.
+        if UnixStream::connect(&socket).is_ok()
+            && container
+                .state()
+                .is_ok_and(|st| st.status == container::Status::Running)
+        {
             // Reaped by init once we exit; nothing to wait for here.
             std::mem::forget(child);
             return Ok(());
@@ -384,6 +390,8 @@ pub fn start_monitor(
             })));
         }
         if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(usage("the container's monitor did not start in time"));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -445,6 +453,16 @@ pub struct PreparedVm {
     pub host_end: UnixStream,
     /// Stops the VM from the host.
     pub exit_signal: vmm::ExitSignal,
+}
+
+impl Drop for ImageDisk {
+    /// A disk still being built when it is dropped was not finished (an
+    /// error path): it must not be left behind half-built.
+    fn drop(&mut self) {
+        if let Some((tmp, _lock)) = &self.building {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 /// Keeps a freshly built image disk (when the guest reported its root

@@ -36,11 +36,17 @@ fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 fn detached_container_with_ps_logs_stop_wait_inspect_rm() {
     let run = host_run(
         r#"
-id=$(hull run -d --name ticker busybox sh -c 'trap "echo got TERM; exit 0" TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done')
+id=$(hull run -d --name ticker busybox sh -c 'trap "echo got TERM; exit 0" TERM; trap "echo got USR1" USR1; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done')
 echo "run-d=$?"
+# Straight after run -d the signal waits for the process to run; CONT, since
+# the shell may not have set its traps yet (docker has the same race).
+hull kill -s CONT ticker >/dev/null; echo "kill-early=$?"
 echo "id-len=${#id}"
 # Wait (bounded) until the container has printed something.
 for i in $(seq 1 60); do hull logs ticker | grep -q 'tick 1' && break; sleep 1; done
+hull kill -s USR1 ticker; echo "kill=$?"
+for i in $(seq 1 30); do hull logs ticker | grep -q 'got USR1' && break; sleep 1; done
+echo "usr1-seen=$(hull logs ticker | grep -c 'got USR1')"
 hull ps > /tmp/ps; echo "ps=$?"; cat /tmp/ps
 echo "ps-lists=$(grep -c ' ticker$' /tmp/ps)"
 echo "ps-q=$(hull ps -q)"
@@ -59,6 +65,9 @@ echo "ps-a-after-rm=$(hull ps -aq | wc -l)"
     let out = &run.stdout;
     assert_eq!(value(out, "run-d="), Some("0"), "{out}");
     assert_eq!(value(out, "id-len="), Some("64"), "{out}");
+    assert_eq!(value(out, "kill-early="), Some("0"), "{out}");
+    assert_eq!(value(out, "kill="), Some("0"), "{out}");
+    assert!(value(out, "usr1-seen=").is_some_and(|n| n != "0"), "{out}");
     assert_eq!(value(out, "ps-lists="), Some("1"), "{out}");
     assert_eq!(value(out, "ps-q=").map(str::len), Some(12), "{out}");
     assert_eq!(value(out, "logs-tail="), Some("1"), "{out}");
