@@ -103,6 +103,10 @@ fn relay(
     finish(session::run(&mut stream, &initial, &relay)?.0)
 }
 
+/// What [`attach`] and [`exec`] return when the monitor closed the session
+/// without a final status (the caller may find it in the container's state).
+pub const VANISHED: i32 = -1;
+
 fn finish(outcome: Outcome) -> Result<i32> {
     Ok(match outcome {
         Outcome::Exited(code) => code,
@@ -110,10 +114,7 @@ fn finish(outcome: Outcome) -> Result<i32> {
             eprintln!("hull: {message}");
             code
         }
-        Outcome::Vanished => {
-            eprintln!("hull: the container's monitor went away");
-            crate::run::EXIT_RUNTIME_ERROR
-        }
+        Outcome::Vanished => VANISHED,
     })
 }
 

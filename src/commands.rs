@@ -145,9 +145,13 @@ fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
         tty: args.tty,
         stdin: args.interactive,
     };
-    Ok(exit_code(crate::client::exec(
-        &store, &container, spec, debug,
-    )?))
+    match crate::client::exec(&store, &container, spec, debug)? {
+        crate::client::VANISHED => {
+            eprintln!("hull: the container's monitor went away");
+            Ok(exit_code(crate::run::EXIT_RUNTIME_ERROR))
+        }
+        code => Ok(exit_code(code)),
+    }
 }
 
 /// How long since `secs`, docker style ("5 seconds", "3 minutes").

@@ -48,7 +48,12 @@ pub enum Request {
     },
 }
 
-/// Beyond this much queued for a client, the client is too slow: dropped.
+/// While a client has this much queued, the guest is not read: a slow
+/// reader slows the container down (as docker's attach does) instead of
+/// losing output.
+const CLIENT_HIGH_WATER: usize = 1 << 20;
+/// Beyond this much queued for a client (which back-pressure keeps from
+/// happening), the client is dropped.
 const CLIENT_QUEUE_MAX: usize = 8 << 20;
 /// Stop reading clients' input while this much is queued for the guest.
 const GUEST_QUEUE_MAX: usize = 256 << 10;
@@ -498,10 +503,15 @@ impl Monitor {
 
     fn run(&mut self, listener: &UnixListener) -> Result<()> {
         while self.guest_open {
+            let clients_behind = self.clients.iter().any(|c| {
+                !c.gone
+                    && matches!(c.role, Role::Attached { .. } | Role::Exec(_))
+                    && c.out.len() > CLIENT_HIGH_WATER
+            });
             let mut fds = vec![
                 libc::pollfd {
                     fd: self.guest.as_raw_fd(),
-                    events: libc::POLLIN
+                    events: if clients_behind { 0 } else { libc::POLLIN }
                         | if self.guest_out.is_empty() {
                             0
                         } else {

@@ -417,7 +417,16 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
     }
     let prep_ms = started.elapsed().as_millis();
     tracing::debug!("host prep done in {prep_ms} ms (image, container, monitor)");
-    let code = crate::client::attach(&store, &container, args.interactive, args.tty, debug)?;
+    let mut code = crate::client::attach(&store, &container, args.interactive, args.tty, debug)?;
+    if code == crate::client::VANISHED {
+        // The session broke off: the monitor records the end in the state.
+        code = crate::client::wait_exited(&container).unwrap_or(EXIT_RUNTIME_ERROR);
+        let error = container.state().ok().and_then(|s| s.error);
+        eprintln!(
+            "hull: lost the container's output stream{}",
+            error.map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
     // Return once the monitor has recorded the end (and, with --rm, removed
     // the container), so the next hull command sees it; bounded, in case the
     // guest hangs on its way down (the monitor then stops it).

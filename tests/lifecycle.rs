@@ -249,3 +249,21 @@ printf 'typed-text\r' | script -q -e -c "sh /opt/tty.sh" /opt/typescript; echo "
     // hull put the host terminal back as it found it (canonical, echoing).
     assert_eq!(value(out, "host-tty-after:"), Some("icanon echo"), "{out}");
 }
+
+#[test]
+fn a_slow_reader_slows_the_container_down_and_loses_nothing() {
+    // 12 MB into a reader that starts 30 s late. Under the emulated host the
+    // container writes ~0.35 MB/s, so without back-pressure more than the
+    // monitor's 8 MiB client limit would pile up and the reader be cut off.
+    let run = host_run(
+        r#"
+{ hull run --rm busybox sh -c 'yes 0123456789abcdef | head -c 12000000; echo done >&2'; echo "hull=$?" >&2; } 2>/tmp/err | (sleep 30; wc -c) > /tmp/count
+echo "bytes=$(tr -d ' ' < /tmp/count)"
+cat /tmp/err
+"#,
+    );
+    let out = &run.stdout;
+    assert_eq!(value(out, "bytes="), Some("12000000"), "{out}");
+    assert_eq!(value(out, "hull="), Some("0"), "{out}");
+    run.assert_stdout_contains("done");
+}
