@@ -16,8 +16,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::chain::{for_each_piece, in_memory, total_len, Buf};
 use super::{
-    read_config_bytes, split_queues, ActivateError, Active, DeviceError, DeviceQueue, Interrupt,
-    QueueEvents, VirtioDevice, FEATURE_VERSION_1,
+    read_config_bytes, ActivateError, Active, DeviceError, DeviceQueue, Interrupt, QueueEvents,
+    VirtioDevice, FEATURE_VERSION_1,
 };
 
 /// The unit of virtio-blk addresses and capacity.
@@ -458,19 +458,8 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         queues: Vec<DeviceQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (queues, notify) = split_queues(queues);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-            failed: false,
-        });
+        let (active, notify) = Active::new(mem, interrupt, queues, 1)?;
+        self.active = Some(active);
         self.events.activated(notify)
     }
 

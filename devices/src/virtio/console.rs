@@ -13,8 +13,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{for_each_piece, in_memory, total_len, Buf};
 use super::{
-    read_config_bytes, split_queues, ActivateError, Active, DeviceError, DeviceQueue, Interrupt,
-    QueueEvents, VirtioDevice, FEATURE_VERSION_1,
+    read_config_bytes, ActivateError, Active, DeviceError, DeviceQueue, Interrupt, QueueEvents,
+    VirtioDevice, FEATURE_VERSION_1,
 };
 
 const NAME: &str = "console";
@@ -319,19 +319,8 @@ impl VirtioDevice for Console {
         interrupt: Arc<Interrupt>,
         queues: Vec<DeviceQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        let (queues, notify) = split_queues(queues);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-            failed: false,
-        });
+        let (active, notify) = Active::new(mem, interrupt, queues, 2)?;
+        self.active = Some(active);
         self.events.activated(notify)
     }
 

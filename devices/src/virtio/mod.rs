@@ -279,6 +279,32 @@ struct Active {
 }
 
 impl Active {
+    /// The state of a device activated with `queues`, which must be exactly
+    /// `expected` of them; also returns their notification events.
+    fn new(
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<DeviceQueue>,
+        expected: usize,
+    ) -> Result<(Self, Vec<EventFd>), ActivateError> {
+        if queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: queues.len(),
+            });
+        }
+        let (queues, notify) = queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
+        Ok((
+            Self {
+                mem,
+                interrupt,
+                queues,
+                failed: false,
+            },
+            notify,
+        ))
+    }
+
     /// Takes the next available chain of queue `q`, walked into at most
     /// `max_descs` buffers. `Ok(None)`: nothing available (or the queue is
     /// unused).
@@ -428,10 +454,6 @@ impl QueueEvents {
 }
 
 /// Splits the queues from their notification events.
-fn split_queues(queues: Vec<DeviceQueue>) -> (Vec<Queue>, Vec<EventFd>) {
-    queues.into_iter().map(|q| (q.queue, q.notify)).unzip()
-}
-
 /// Copies `data` (at `offset`) out of a configuration space.
 fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

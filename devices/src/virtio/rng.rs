@@ -9,8 +9,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::chain::{for_each_piece, in_memory, total_len, Buf};
 use super::{
-    split_queues, ActivateError, Active, DeviceQueue, Interrupt, QueueEvents, VirtioDevice,
-    FEATURE_VERSION_1,
+    ActivateError, Active, DeviceQueue, Interrupt, QueueEvents, VirtioDevice, FEATURE_VERSION_1,
 };
 
 const NAME: &str = "rng";
@@ -150,19 +149,8 @@ impl VirtioDevice for Rng {
         interrupt: Arc<Interrupt>,
         queues: Vec<DeviceQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (queues, notify) = split_queues(queues);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-            failed: false,
-        });
+        let (active, notify) = Active::new(mem, interrupt, queues, 1)?;
+        self.active = Some(active);
         self.events.activated(notify)
     }
 
