@@ -37,7 +37,7 @@ where
             return;
         };
         if let Err(e) = self.inner.write(offset, value) {
-            tracing::error!("i8042: cannot signal the guest's reset: {e}");
+            crate::rate_limited!(error, "i8042: cannot signal the guest's reset: {e}");
         }
     }
 }

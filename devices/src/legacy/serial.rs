@@ -192,7 +192,7 @@ impl BusDevice for SerialConsole {
             return;
         };
         if let Err(e) = self.uart.write(offset, value) {
-            tracing::warn!("serial: {e}");
+            crate::rate_limited!(warn, "serial: {e}");
         }
     }
 }
@@ -246,7 +246,9 @@ impl SerialInput {
             Ok(()) => self.watching_input = on,
             // stdin may be a regular file or /dev/null, which epoll refuses:
             // then the guest simply gets no console input.
-            Err(e) => tracing::debug!("serial input: not forwarding fd {}: {e}", self.input),
+            Err(e) => {
+                crate::rate_limited!(debug, "serial input: not forwarding fd {}: {e}", self.input);
+            }
         }
     }
 
@@ -271,7 +273,7 @@ impl SerialInput {
             }
             Ok(n) => {
                 if let Err(e) = console.uart.enqueue_raw_bytes(&buf[..n]) {
-                    tracing::warn!("serial input: {e}");
+                    crate::rate_limited!(warn, "serial input: {e}");
                 }
             }
         }
@@ -299,7 +301,7 @@ impl MutEventSubscriber for SerialInput {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
-            tracing::warn!("serial input: {e}");
+            crate::rate_limited!(warn, "serial input: {e}");
         }
         self.watch_input(ops, true);
     }

@@ -276,7 +276,10 @@ impl Disk {
                 Some(offset) => match self.read(mem, writable, offset, data_len) {
                     Ok(()) => (VIRTIO_BLK_S_OK, data_len),
                     Err(e) => {
-                        tracing::warn!("virtio-blk: read at sector {sector} failed: {e}");
+                        crate::rate_limited!(
+                            warn,
+                            "virtio-blk: read at sector {sector} failed: {e}"
+                        );
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 },
@@ -293,7 +296,10 @@ impl Disk {
                 match self.write(mem, readable, offset, len) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!("virtio-blk: write at sector {sector} failed: {e}");
+                        crate::rate_limited!(
+                            warn,
+                            "virtio-blk: write at sector {sector} failed: {e}"
+                        );
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -305,7 +311,7 @@ impl Disk {
                 match self.file.sync_data() {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        tracing::warn!("virtio-blk: flush failed: {e}");
+                        crate::rate_limited!(warn, "virtio-blk: flush failed: {e}");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -449,7 +455,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
+        crate::rate_limited!(debug, "virtio-blk: ignored config write at {offset:#x}");
     }
 
     fn activate(

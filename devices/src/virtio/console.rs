@@ -141,7 +141,7 @@ impl Console {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
-                    tracing::warn!("virtio-console: reading the host socket: {e}");
+                    crate::rate_limited!(warn, "virtio-console: reading the host socket: {e}");
                     self.rx_eof = true;
                     return false;
                 }
@@ -176,7 +176,7 @@ impl Console {
                     delivered = true;
                 }
             } else {
-                tracing::debug!("virtio-console: unusable receive buffer");
+                crate::rate_limited!(debug, "virtio-console: unusable receive buffer");
             }
             active.add_used(RX, head, len)?;
             used[RX] = true;
@@ -197,7 +197,7 @@ impl Console {
                         return Ok(());
                     };
                     if bufs.iter().any(|b| b.writable) || !in_memory(&active.mem, &bufs) {
-                        tracing::debug!("virtio-console: unusable transmit buffer");
+                        crate::rate_limited!(debug, "virtio-console: unusable transmit buffer");
                         active.add_used(TX, head, 0)?;
                         used[TX] = true;
                         continue;
@@ -220,7 +220,7 @@ impl Console {
                         return Ok(());
                     }
                     Err(e) => {
-                        tracing::debug!("virtio-console: host end closed: {e}");
+                        crate::rate_limited!(debug, "virtio-console: host end closed: {e}");
                         self.tx_closed = true;
                     }
                 }
@@ -253,7 +253,9 @@ impl Console {
         };
         match result {
             Ok(()) => self.watching = want,
-            Err(e) => tracing::warn!("virtio-console: cannot watch the host socket: {e:?}"),
+            Err(e) => {
+                crate::rate_limited!(warn, "virtio-console: cannot watch the host socket: {e:?}");
+            }
         }
     }
 }
@@ -310,7 +312,7 @@ impl VirtioDevice for Console {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!("virtio-console: ignored config write at {offset:#x}");
+        crate::rate_limited!(debug, "virtio-console: ignored config write at {offset:#x}");
     }
 
     fn activate(
@@ -339,7 +341,7 @@ impl MutEventSubscriber for Console {
         } else if events.fd() == self.stream.as_raw_fd() {
             let set = events.event_set();
             if set.contains(EventSet::ERROR) {
-                tracing::warn!("virtio-console: the host socket failed");
+                crate::rate_limited!(warn, "virtio-console: the host socket failed");
                 self.rx_eof = true;
                 self.tx_closed = true;
             } else if set.contains(EventSet::HANG_UP) {

@@ -213,11 +213,17 @@ impl MmioTransport {
     fn features_ok(&self) -> bool {
         let unknown = self.driver_features & !self.device_features;
         if unknown != 0 || self.driver_features_beyond {
-            tracing::warn!("virtio-mmio: the driver accepted unoffered features {unknown:#x}");
+            crate::rate_limited!(
+                warn,
+                "virtio-mmio: the driver accepted unoffered features {unknown:#x}"
+            );
             return false;
         }
         if self.driver_features & FEATURE_VERSION_1 == 0 {
-            tracing::warn!("virtio-mmio: the driver did not accept VIRTIO_F_VERSION_1");
+            crate::rate_limited!(
+                warn,
+                "virtio-mmio: the driver did not accept VIRTIO_F_VERSION_1"
+            );
             return false;
         }
         true
@@ -227,14 +233,14 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, (q, evt)) in self.queues.iter().zip(&self.queue_evts).enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                tracing::warn!("virtio-mmio: queue {i} lies outside guest memory");
+                crate::rate_limited!(warn, "virtio-mmio: queue {i} lies outside guest memory");
                 self.interrupt.set_needs_reset();
                 return;
             }
             let queue = match Queue::try_from(q.state()) {
                 Ok(queue) => queue,
                 Err(e) => {
-                    tracing::warn!("virtio-mmio: queue {i} is invalid: {e}");
+                    crate::rate_limited!(warn, "virtio-mmio: queue {i} is invalid: {e}");
                     self.interrupt.set_needs_reset();
                     return;
                 }
@@ -242,7 +248,7 @@ impl MmioTransport {
             let notify = match evt.try_clone() {
                 Ok(notify) => notify,
                 Err(e) => {
-                    tracing::error!("virtio-mmio: cannot duplicate a queue event: {e}");
+                    crate::rate_limited!(error, "virtio-mmio: cannot duplicate a queue event: {e}");
                     self.interrupt.set_needs_reset();
                     return;
                 }
@@ -252,7 +258,7 @@ impl MmioTransport {
         let mem = self.mem.clone();
         let interrupt = Arc::clone(&self.interrupt);
         if let Err(e) = self.lock_device().activate(mem, interrupt, queues) {
-            tracing::error!("virtio-mmio: cannot activate the device: {e}");
+            crate::rate_limited!(error, "virtio-mmio: cannot activate the device: {e}");
             self.interrupt.set_needs_reset();
         }
     }
@@ -266,7 +272,10 @@ impl MmioTransport {
         let mut value = value & DRIVER_BITS;
         let old = self.status;
         if value & old != old {
-            tracing::warn!("virtio-mmio: the driver cleared status bits ({old:#x} -> {value:#x})");
+            crate::rate_limited!(
+                warn,
+                "virtio-mmio: the driver cleared status bits ({old:#x} -> {value:#x})"
+            );
             return;
         }
         let added = value & !old;
@@ -275,7 +284,10 @@ impl MmioTransport {
             || !needs(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER)
             || !needs(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK)
         {
-            tracing::warn!("virtio-mmio: status {value:#x} out of order (was {old:#x})");
+            crate::rate_limited!(
+                warn,
+                "virtio-mmio: status {value:#x} out of order (was {old:#x})"
+            );
             return;
         }
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
@@ -286,8 +298,21 @@ impl MmioTransport {
                 value &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
+        // DRIVER_OK only counts once FEATURES_OK was accepted by an earlier
+        // write (which the driver could read back, and after which it set up
+        // its queues): one write of every bit activates nothing.
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && old & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            crate::rate_limited!(
+                warn,
+                "virtio-mmio: DRIVER_OK before FEATURES_OK was accepted (status {old:#x})"
+            );
+            value &= !VIRTIO_CONFIG_S_DRIVER_OK;
+        }
         self.status = value;
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && value & VIRTIO_CONFIG_S_FAILED == 0 {
+        if value & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && added & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && value & VIRTIO_CONFIG_S_FAILED == 0
+        {
             self.activate();
         }
     }
@@ -345,7 +370,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM if queue_setup => {
                 if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(v)) {
                     if q.try_set_size(size).is_err() {
-                        tracing::warn!("virtio-mmio: invalid queue size {v}");
+                        crate::rate_limited!(warn, "virtio-mmio: invalid queue size {v}");
                     }
                 }
             }
@@ -377,13 +402,16 @@ impl MmioTransport {
                 let evt = usize::try_from(v).ok().and_then(|i| self.queue_evts.get(i));
                 if let Some(evt) = evt {
                     if let Err(e) = evt.write(1) {
-                        tracing::warn!("virtio-mmio: cannot signal queue {v}: {e}");
+                        crate::rate_limited!(warn, "virtio-mmio: cannot signal queue {v}: {e}");
                     }
                 }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.write_status(v),
-            _ => tracing::debug!("virtio-mmio: ignored write {v:#x} to register {reg:#x}"),
+            _ => crate::rate_limited!(
+                debug,
+                "virtio-mmio: ignored write {v:#x} to register {reg:#x}"
+            ),
         }
     }
 
@@ -607,6 +635,81 @@ mod tests {
         wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5);
         wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV);
+    }
+
+    #[test]
+    fn one_write_of_every_status_bit_activates_nothing() {
+        let (mut t, dev) = setup();
+        // No negotiation at all.
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(dev.lock().unwrap().activations.is_empty());
+        assert_eq!(dev.lock().unwrap().acked, 0);
+
+        // Bad features (unoffered bit 6), FEATURES_OK and DRIVER_OK together.
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 6);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(dev.lock().unwrap().activations.is_empty());
+
+        // No VIRTIO_F_VERSION_1.
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(dev.lock().unwrap().activations.is_empty());
+
+        // Good features, but FEATURES_OK and DRIVER_OK in one write: the
+        // features are accepted, DRIVER_OK waits for a write of its own.
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK);
+        assert!(dev.lock().unwrap().activations.is_empty());
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        assert_eq!(dev.lock().unwrap().activations.len(), 1);
+    }
+
+    #[test]
+    fn bad_features_leave_features_ok_unset() {
+        let (mut t, dev) = setup();
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        // A feature on a page past the second: nothing is offered there.
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 2);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS) & FOK, 0);
+        // Still refused when asked again, with DRIVER_OK.
+        wr(&mut t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(dev.lock().unwrap().activations.is_empty());
+        assert_eq!(dev.lock().unwrap().acked, 0);
+    }
+
+    #[test]
+    fn guest_triggered_warnings_are_rate_limited() {
+        let (mut t, _) = setup();
+        let count = crate::ratelimit::count_events(|| {
+            for _ in 0..10_000 {
+                wr(&mut t, VIRTIO_MMIO_STATUS, DRV);
+            }
+        });
+        // One burst, perhaps a "suppressed" line if another test used the
+        // same call site moments ago.
+        assert!(count <= crate::ratelimit::BURST as usize + 1, "{count}");
+        assert!(count > 0);
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            tracing::warn!("virtio: cannot raise the interrupt: {e}");
+            crate::rate_limited!(warn, "virtio: cannot raise the interrupt: {e}");
         }
     }
 
@@ -358,7 +358,7 @@ impl Active {
 
     /// Stops the device for good (until reset) and tells the driver.
     fn fail(&mut self, name: &str, error: &DeviceError) {
-        tracing::warn!("virtio-{name}: {error}; the device needs a reset");
+        crate::rate_limited!(warn, "virtio-{name}: {error}; the device needs a reset");
         self.failed = true;
         self.interrupt.set_needs_reset();
     }
@@ -399,14 +399,20 @@ impl QueueEvents {
         self.pending.clear();
         self.stale = true;
         if let Err(e) = self.activate.write(1) {
-            tracing::warn!("virtio: cannot wake the event loop after a reset: {e}");
+            crate::rate_limited!(
+                warn,
+                "virtio: cannot wake the event loop after a reset: {e}"
+            );
         }
     }
 
     /// Event loop: watch the activate event.
     fn init(&self, ops: &mut EventOps, name: &str) {
         if let Err(e) = ops.add(Events::new(&self.activate, EventSet::IN)) {
-            tracing::error!("virtio-{name}: cannot watch the activate event: {e:?}");
+            crate::rate_limited!(
+                error,
+                "virtio-{name}: cannot watch the activate event: {e:?}"
+            );
         }
     }
 
@@ -422,7 +428,10 @@ impl QueueEvents {
         if self.stale {
             for evt in self.watched.drain(..) {
                 if let Err(e) = ops.remove(Events::empty(&evt)) {
-                    tracing::warn!("virtio-{name}: cannot unwatch a queue event: {e:?}");
+                    crate::rate_limited!(
+                        warn,
+                        "virtio-{name}: cannot unwatch a queue event: {e:?}"
+                    );
                 }
             }
             self.stale = false;
@@ -433,7 +442,7 @@ impl QueueEvents {
         for (i, evt) in self.pending.drain(..).enumerate() {
             let Ok(data) = u32::try_from(i) else { break };
             if let Err(e) = ops.add(Events::with_data(&evt, data, EventSet::IN)) {
-                tracing::error!("virtio-{name}: cannot watch queue {i}: {e:?}");
+                crate::rate_limited!(error, "virtio-{name}: cannot watch queue {i}: {e:?}");
             }
             self.watched.push(evt);
         }

@@ -74,7 +74,7 @@ impl Rng {
 /// out-of-memory buffers gets nothing.
 fn fill(mem: &GuestMemoryMmap, bufs: &[Buf]) -> u32 {
     if bufs.iter().any(|b| !b.writable) || !in_memory(mem, bufs) {
-        tracing::debug!("virtio-rng: unusable request");
+        crate::rate_limited!(debug, "virtio-rng: unusable request");
         return 0;
     }
     let want = total_len(bufs).min(MAX_PER_REQUEST);
@@ -94,7 +94,7 @@ fn fill(mem: &GuestMemoryMmap, bufs: &[Buf]) -> u32 {
         Ok::<(), io::Error>(())
     });
     if let Err(e) = result {
-        tracing::warn!("virtio-rng: {e}");
+        crate::rate_limited!(warn, "virtio-rng: {e}");
     }
     u32::try_from(written).unwrap_or(0)
 }
