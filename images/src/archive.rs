@@ -12,23 +12,34 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
 
+use crate::ingest::{persist_all, Expect, Ingest};
 use crate::reference::{is_hex_id, Reference};
 use crate::registry::{check_platform, is_index, pick_platform};
 use crate::store::{
     checked_digest, media, now_secs, read_bounded, rfc3339, sha256_digest, Compression, Image,
     ImportOptions, Layer, NewImage, Store, StoreError, TempPath, MAX_JSON_BYTES,
 };
+use crate::tarwalk::{self, TarError};
 
 /// Entries an archive may have (bounds the index kept in memory).
 const MAX_ENTRIES: usize = 200_000;
+/// Bytes of entry names and link targets kept in the index, all together.
+const MAX_NAME_BYTES: usize = 64 * 1024 * 1024;
+/// The largest a compressed archive may decompress to in the scratch
+/// directory.
+pub(crate) const MAX_DECOMPRESSED: u64 = 64 * 1024 * 1024 * 1024;
+/// Free space the scratch directory's file system keeps while an archive is
+/// decompressed there.
+const SCRATCH_RESERVE: u64 = 256 * 1024 * 1024;
+/// How often (in bytes written) free space is checked again.
+const SPACE_CHECK_EVERY: u64 = 16 * 1024 * 1024;
 
 const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -67,6 +78,7 @@ fn load_docker(store: &Store, archive: &IndexedArchive) -> Result<Vec<Image>, St
     if entries.is_empty() {
         return Err(archive.error("manifest.json lists no images".to_string()));
     }
+    let ingest = Ingest::new(store)?;
     let mut out = Vec::new();
     for entry in entries {
         // The config: its name often carries its digest (<hex>.json, or
@@ -94,14 +106,22 @@ fn load_docker(store: &Store, archive: &IndexedArchive) -> Result<Vec<Image>, St
                 diff_ids.len()
             )));
         }
-        let mut layers = Vec::new();
-        for (name, diff_id) in entry.layers.iter().zip(diff_ids) {
-            let what = archive.describe(name);
+        let mut verified = Vec::new();
+        for (i, (name, diff_id)) in entry.layers.iter().zip(diff_ids).enumerate() {
+            let what = format!("layer {} ({})", i + 1, archive.describe(name));
             let diff_id = checked_digest(diff_id, &what)?;
-            let reader = archive.member(name)?;
             let expected = digest_in_name(name);
-            layers.push(ingest_layer(store, reader, expected.as_deref(), Some(&diff_id), &what)?.0);
+            verified.push(ingest.read(
+                || archive.member(name),
+                Expect {
+                    digest: expected.as_deref(),
+                    diff_id: Some((i, &diff_id)),
+                    ..Expect::default()
+                },
+                &what,
+            )?);
         }
+        let layers = persist_all(verified)?;
         let names = entry
             .repo_tags
             .unwrap_or_default()
@@ -129,6 +149,7 @@ fn load_oci(store: &Store, archive: &IndexedArchive) -> Result<Vec<Image>, Store
         }
     }
     let index: ImageIndex = archive.read_json("index.json")?;
+    let ingest = Ingest::new(store)?;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
     for desc in index.manifests() {
@@ -173,37 +194,31 @@ fn load_oci(store: &Store, archive: &IndexedArchive) -> Result<Vec<Image>, Store
             )));
         }
 
-        let mut layers = Vec::new();
-        for l in manifest.layers() {
+        let mut verified = Vec::new();
+        let diff_ids = config.rootfs().diff_ids();
+        for (i, (l, diff_id)) in manifest.layers().iter().zip(diff_ids).enumerate() {
             let ld = checked_digest(l.digest().as_ref(), &manifest_what)?;
             let name = blob_name(&ld);
-            let what = archive.describe(&name);
+            let what = format!("layer {} ({})", i + 1, archive.describe(&name));
+            let diff_id = checked_digest(diff_id, &config_what)?;
             let mt = l.media_type().to_string();
             let compression =
                 Compression::from_media_type(&mt).ok_or_else(|| StoreError::Unsupported {
                     what: what.clone(),
                     detail: format!("layer media type {mt} is not a plain, gzip or zstd tar"),
                 })?;
-            if store.has_blob(&ld) {
-                layers.push(Layer {
-                    digest: ld,
-                    media_type: mt,
-                    size: l.size(),
-                    compression,
-                });
-                continue;
-            }
-            let mut w = store.blob_writer()?;
-            io::copy(&mut archive.member(&name)?, &mut w)
-                .map_err(StoreError::io(format!("cannot copy {what} into the store")))?;
-            let (digest, size) = w.finish(Some(&ld), Some(l.size()), &what)?;
-            layers.push(Layer {
-                digest,
-                media_type: mt,
-                size,
-                compression,
-            });
+            verified.push(ingest.read(
+                || archive.member(&name),
+                Expect {
+                    digest: Some(&ld),
+                    size: Some(l.size()),
+                    diff_id: Some((i, &diff_id)),
+                    media_type: Some((&mt, compression)),
+                },
+                &what,
+            )?);
         }
+        let layers = persist_all(verified)?;
 
         store.put_blob(&config_bytes, Some(&config_digest), &config_what)?;
         store.put_blob(&bytes, Some(&digest), &manifest_what)?;
@@ -252,7 +267,7 @@ pub(crate) fn import_rootfs(
     let _gc = store.lock_gc(false)?;
     let f = File::open(tar).map_err(StoreError::io(format!("cannot open {}", tar.display())))?;
     let what = format!("root-fs tarball {}", tar.display());
-    let (layer, diff_id) = ingest_layer(store, f, None, None, &what)?;
+    let (layer, diff_id) = ingest_layer(store, f, &what)?;
 
     let mut cfg = serde_json::Map::new();
     if let Some(c) = &opts.cmd {
@@ -287,97 +302,18 @@ pub(crate) fn import_rootfs(
 }
 
 /// Stores a layer read from `reader` (plain, gzip or zstd tar, detected from
-/// its first bytes), verifying its blob digest and its diff ID (digest of the
-/// uncompressed tar) when expected values are given, and that it is a tar
-/// archive. Returns the layer and its diff ID.
+/// its first bytes) that no config describes yet (`import`, the default
+/// image): checks it is a tar archive and returns it with its diff ID.
 pub(crate) fn ingest_layer(
     store: &Store,
     reader: impl Read,
-    expected_digest: Option<&str>,
-    expected_diff_id: Option<&str>,
     what: &str,
 ) -> Result<(Layer, String), StoreError> {
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let head = reader
-        .fill_buf()
-        .map_err(StoreError::io(format!("cannot read {what}")))?;
-    let compression = Compression::sniff(head);
-    let mut w = store.blob_writer()?;
-    io::copy(&mut reader, &mut w)
-        .map_err(StoreError::io(format!("cannot copy {what} into the store")))?;
-    let (digest, size) = w.finish(expected_digest, None, what)?;
-    let layer = Layer {
-        media_type: compression.oci_media_type().to_string(),
-        digest,
-        size,
-        compression,
-    };
-    // Read it back through the decompressor as a tar: checks it is one and
-    // computes the diff ID.
-    let diff_id = match tar_diff_id(store, &layer) {
-        Ok(d) => d,
-        Err(e) => {
-            return Err(StoreError::Other(format!(
-                "{what} is not a valid {}tar archive: {e}",
-                match compression {
-                    Compression::None => "",
-                    Compression::Gzip => "gzip-compressed ",
-                    Compression::Zstd => "zstd-compressed ",
-                }
-            )))
-        }
-    };
-    if let Some(expected) = expected_diff_id {
-        if expected != diff_id {
-            return Err(StoreError::DigestMismatch {
-                what: format!("{what} (uncompressed content vs. the config's diff ID)"),
-                expected: expected.to_string(),
-                actual: diff_id,
-            });
-        }
-    }
+    let layer = Ingest::new(store)?
+        .read(|| Ok(reader), Expect::default(), what)?
+        .persist()?;
+    let diff_id = layer.diff_id.clone();
     Ok((layer, diff_id))
-}
-
-/// The sha256 of a stored layer's uncompressed tar stream, walking its
-/// entries on the way (an error if it is not a tar archive).
-fn tar_diff_id(store: &Store, layer: &Layer) -> Result<String, StoreError> {
-    let inner = store.layer_reader(layer)?;
-    let mut hashing = HashingReader {
-        inner,
-        hasher: Sha256::new(),
-    };
-    {
-        let mut ar = tar::Archive::new(&mut hashing);
-        let mut n = 0usize;
-        for entry in ar
-            .entries()
-            .map_err(StoreError::io("cannot read the tar stream"))?
-        {
-            entry.map_err(StoreError::io("cannot read a tar entry"))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(StoreError::Other("it has no entries".to_string()));
-        }
-    }
-    // The rest (end-of-archive blocks, padding) is part of the diff ID too.
-    io::copy(&mut hashing, &mut io::sink())
-        .map_err(StoreError::io("cannot read the tar stream"))?;
-    Ok(format!("sha256:{}", hex::encode(hashing.hasher.finalize())))
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// Records an image whose layers are stored and whose config is given as
@@ -452,6 +388,15 @@ fn normalize(name: &str) -> String {
         .join("/")
 }
 
+/// Why indexing an archive stopped.
+#[derive(Debug, thiserror::Error)]
+enum WalkError {
+    #[error(transparent)]
+    Tar(#[from] TarError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
 #[derive(Debug, Clone)]
 enum Entry {
     File { offset: u64, size: u64 },
@@ -496,44 +441,59 @@ impl IndexedArchive {
                     "cannot decompress {}",
                     path.display()
                 )))?;
-            io::copy(&mut dec, &mut out).map_err(|e| StoreError::Archive {
-                path: path.to_path_buf(),
-                message: format!("cannot decompress it: {e}"),
-            })?;
+            let dir = store.root().join("tmp");
+            let mut capped = ScratchWriter::new(&mut out, &dir);
+            match io::copy(&mut dec, &mut capped) {
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(StoreError::Archive {
+                        path: path.to_path_buf(),
+                        message: match capped.refused.take() {
+                            Some(why) => why,
+                            None => format!("cannot decompress it: {e}"),
+                        },
+                    })
+                }
+            }
             out.flush()
                 .and_then(|()| out.seek(io::SeekFrom::Start(0)).map(drop))
                 .map_err(StoreError::io(format!("cannot write {}", tmp.0.display())))?;
             (out, Some(tmp))
         };
         let mut entries = HashMap::new();
+        let mut name_bytes = 0usize;
         {
-            let bad = |e: io::Error| StoreError::Archive {
+            let bad = |e: TarError| StoreError::Archive {
                 path: path.to_path_buf(),
                 message: format!("not a readable tar archive: {e}"),
             };
             let mut ar = tar::Archive::new(&file);
-            for entry in ar.entries_with_seek().map_err(bad)? {
-                let entry = entry.map_err(bad)?;
+            let all = ar.entries_with_seek().map_err(|e| bad(e.into()))?;
+            tarwalk::walk(all, |m| {
                 if entries.len() >= MAX_ENTRIES {
-                    return Err(StoreError::Archive {
+                    return Err(WalkError::Store(StoreError::Archive {
                         path: path.to_path_buf(),
                         message: format!("it has more than {MAX_ENTRIES} entries; refused"),
-                    });
+                    }));
                 }
-                let Ok(name) = std::str::from_utf8(&entry.path_bytes()).map(normalize) else {
-                    continue;
+                let Ok(name) = std::str::from_utf8(&m.path).map(normalize) else {
+                    return Ok(());
                 };
-                let kind = entry.header().entry_type();
-                let link_target = || {
-                    entry
-                        .link_name_bytes()
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default()
-                };
+                name_bytes += name.len() + m.link.len();
+                if name_bytes > MAX_NAME_BYTES {
+                    return Err(WalkError::Store(StoreError::Archive {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "its entry names add up to more than {MAX_NAME_BYTES} bytes; refused"
+                        ),
+                    }));
+                }
+                let kind = m.kind;
+                let link_target = || String::from_utf8_lossy(&m.link).into_owned();
                 let e = if kind.is_file() || kind == tar::EntryType::Continuous {
                     Entry::File {
-                        offset: entry.raw_file_position(),
-                        size: entry.size(),
+                        offset: m.data_pos,
+                        size: m.size,
                     }
                 } else if kind.is_symlink() {
                     Entry::Link {
@@ -546,12 +506,17 @@ impl IndexedArchive {
                         target: link_target(),
                     }
                 } else if kind.is_dir() {
-                    continue;
+                    return Ok(());
                 } else {
                     Entry::Other(format!("{kind:?}"))
                 };
                 entries.insert(name, e);
-            }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                WalkError::Tar(t) => bad(t),
+                WalkError::Store(e) => e,
+            })?;
         }
         if entries.is_empty() {
             return Err(StoreError::Archive {
@@ -641,6 +606,81 @@ impl IndexedArchive {
         }
         Ok(bytes)
     }
+}
+
+/// Writes a decompressed archive to its scratch file, refusing to go past
+/// [`MAX_DECOMPRESSED`] or to leave less than [`SCRATCH_RESERVE`] free on
+/// the file system (checked with statvfs every [`SPACE_CHECK_EVERY`] bytes).
+/// A refusal is an I/O error; its reason is left in `refused`.
+struct ScratchWriter<'a, W> {
+    out: W,
+    dir: &'a Path,
+    written: u64,
+    next_check: u64,
+    refused: Option<String>,
+}
+
+impl<'a, W: Write> ScratchWriter<'a, W> {
+    fn new(out: W, dir: &'a Path) -> Self {
+        ScratchWriter {
+            out,
+            dir,
+            written: 0,
+            next_check: 0,
+            refused: None,
+        }
+    }
+
+    fn refuse(&mut self, why: String) -> io::Error {
+        self.refused = Some(why);
+        io::Error::other("refused")
+    }
+}
+
+impl<W: Write> Write for ScratchWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let after = self.written.saturating_add(buf.len() as u64);
+        if after > MAX_DECOMPRESSED {
+            return Err(self.refuse(format!(
+                "it decompresses to more than {MAX_DECOMPRESSED} bytes; refused (load an \
+                 uncompressed archive instead)"
+            )));
+        }
+        if after >= self.next_check {
+            let free = free_bytes(self.dir)?;
+            if free < SCRATCH_RESERVE.saturating_add(SPACE_CHECK_EVERY) {
+                return Err(self.refuse(format!(
+                    "decompressing it would fill the disk: {} has {free} bytes free after \
+                     {} bytes written; free some space, or load an uncompressed archive",
+                    self.dir.display(),
+                    self.written
+                )));
+            }
+            self.next_check = after.saturating_add(SPACE_CHECK_EVERY);
+        }
+        let n = self.out.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Bytes an unprivileged user may still write on the file system of `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("path contains a NUL byte"))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st`
+    // is a valid, writable statvfs for the call to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// A byte range of the archive file, read with positioned reads.
@@ -848,10 +888,239 @@ pub(crate) mod tests {
         let path = dir.path().join("bad.tar");
         std::fs::write(&path, bytes).unwrap();
         let err = store.load_archive(&path).unwrap_err();
-        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::DiffIdMismatch { index: 1, .. }),
+            "{err}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("bbb/layer.tar"), "{msg}");
+        assert!(msg.contains("layer 2 (bbb/layer.tar"), "{msg}");
         assert!(msg.contains("refused"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(store.list().unwrap().is_empty());
+        // Nothing of the refused image was stored, not even its good layer.
+        assert!(blobs(&store).is_empty(), "{:?}", blobs(&store));
+    }
+
+    /// An oci-archive of `config` with these (stored, gzip) layers.
+    fn oci_archive_of(config: &[u8], layers: &[Vec<u8>], ref_name: &str) -> Vec<u8> {
+        let cd = sha256_digest(config);
+        let descs: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "mediaType": media::OCI_LAYER_GZIP,
+                    "digest": sha256_digest(l),
+                    "size": l.len(),
+                })
+            })
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::OCI_MANIFEST,
+            "config": { "mediaType": media::OCI_CONFIG, "digest": cd, "size": config.len() },
+            "layers": descs,
+        }))
+        .unwrap();
+        let md = sha256_digest(&manifest);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": media::OCI_MANIFEST, "digest": md, "size": manifest.len(),
+                "annotations": { ANNOTATION_REF_NAME: ref_name },
+            }],
+        });
+        let mut b = tar::Builder::new(Vec::new());
+        add_file(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+        add_file(&mut b, "index.json", &serde_json::to_vec(&index).unwrap());
+        add_file(&mut b, &format!("blobs/sha256/{}", hex(&md)), &manifest);
+        add_file(&mut b, &format!("blobs/sha256/{}", hex(&cd)), config);
+        for l in layers {
+            add_file(
+                &mut b,
+                &format!("blobs/sha256/{}", hex(&sha256_digest(l))),
+                l,
+            );
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A docker-archive of `config` with these (stored) layers.
+    fn docker_archive_of(config: &[u8], layers: &[Vec<u8>], tag: &str) -> Vec<u8> {
+        let cd = sha256_digest(config);
+        let names: Vec<String> = (0..layers.len())
+            .map(|i| format!("l{i}/layer.tar"))
+            .collect();
+        let mut b = tar::Builder::new(Vec::new());
+        for (n, l) in names.iter().zip(layers) {
+            add_file(&mut b, n, l);
+        }
+        add_file(&mut b, &format!("{}.json", hex(&cd)), config);
+        let manifest = serde_json::json!([{
+            "Config": format!("{}.json", hex(&cd)), "RepoTags": [tag], "Layers": names,
+        }]);
+        add_file(
+            &mut b,
+            "manifest.json",
+            &serde_json::to_vec(&manifest).unwrap(),
+        );
+        b.into_inner().unwrap()
+    }
+
+    fn load_bytes(store: &Store, dir: &Path, bytes: &[u8]) -> Result<Vec<Image>, StoreError> {
+        let path = dir.join(format!("a{}.tar", sha256_digest(bytes).get(7..19).unwrap()));
+        std::fs::write(&path, bytes).unwrap();
+        store.load_archive(&path)
+    }
+
+    /// A trusted image is in the store; archives that reuse its exact config
+    /// (so its image ID) with other layers are refused, and the trusted
+    /// record keeps its own layers and blobs.
+    #[test]
+    fn trusted_config_with_other_layers_is_refused() {
+        let (dir, store) = setup();
+        let good = rootfs_tar("trusted");
+        let config = config_for(&[sha256_digest(&good)]);
+        let trusted = load_bytes(
+            &store,
+            dir.path(),
+            &oci_archive_of(&config, &[gzip(&good)], "example.com/app:1"),
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(trusted.id, sha256_digest(&config));
+        assert_eq!(trusted.diff_ids(), [sha256_digest(&good).as_str()]);
+        let record = || store.find(&trusted.id).unwrap().unwrap();
+        let before = record();
+        let blobs_before = blobs(&store);
+
+        let evil = gzip(&rootfs_tar("evil"));
+        for (kind, archive) in [
+            (
+                "oci",
+                oci_archive_of(&config, std::slice::from_ref(&evil), "example.com/app:1"),
+            ),
+            (
+                "docker",
+                docker_archive_of(&config, std::slice::from_ref(&evil), "example.com/app:1"),
+            ),
+            (
+                "docker, uncompressed",
+                docker_archive_of(&config, &[rootfs_tar("evil")], "example.com/evil:1"),
+            ),
+        ] {
+            let err = load_bytes(&store, dir.path(), &archive).unwrap_err();
+            assert!(
+                matches!(err, StoreError::DiffIdMismatch { index: 0, .. }),
+                "{kind}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(&sha256_digest(&good)), "{kind}: {msg}");
+            assert_eq!(record(), before, "{kind}: the trusted record changed");
+            assert_eq!(blobs(&store), blobs_before, "{kind}: blobs changed");
+            for d in before.blob_digests() {
+                assert!(store.has_blob(d), "{kind}: {d} is gone");
+            }
+        }
+        assert!(store.find("example.com/evil:1").unwrap().is_none());
+    }
+
+    /// The same image in another compression (its layers verified too) is
+    /// merged into the existing record without replacing its layers.
+    #[test]
+    fn commit_never_replaces_layers() {
+        let (dir, store) = setup();
+        let tar = rootfs_tar("same");
+        let config = config_for(&[sha256_digest(&tar)]);
+        let first = load_bytes(
+            &store,
+            dir.path(),
+            &docker_archive_of(&config, std::slice::from_ref(&tar), "example.com/a:1"),
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(first.layers[0].compression, Compression::None);
+        let second = load_bytes(
+            &store,
+            dir.path(),
+            &oci_archive_of(&config, &[gzip(&tar)], "example.com/b:1"),
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(second.id, first.id);
+        assert_eq!(second.layers, first.layers);
+        assert_eq!(second.manifest_digest, first.manifest_digest);
+        assert_eq!(second.names, ["example.com/a:1", "example.com/b:1"]);
+        assert_eq!(
+            store.find("example.com/b:1").unwrap().unwrap().layers,
+            first.layers
+        );
+        assert_eq!(first.chain_id(), sha256_digest(&tar));
+    }
+
+    /// Records written before diff IDs were recorded are verified when found.
+    #[test]
+    fn old_records_are_verified_when_found() {
+        let (dir, store) = setup();
+        let tar = rootfs_tar("old");
+        let config = config_for(&[sha256_digest(&tar)]);
+        let img = load_bytes(
+            &store,
+            dir.path(),
+            &oci_archive_of(&config, &[gzip(&tar)], "example.com/old:1"),
+        )
+        .unwrap()
+        .remove(0);
+        let path = store.image_dir(&img.id).join("image.json");
+        let strip = |v: &mut serde_json::Value| {
+            for l in v["layers"].as_array_mut().unwrap() {
+                l.as_object_mut().unwrap().remove("diff_id");
+            }
+        };
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        strip(&mut v);
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(store.list().unwrap()[0].layers[0].diff_id.is_empty());
+        let found = store.find("example.com/old:1").unwrap().unwrap();
+        assert_eq!(found.diff_ids(), [sha256_digest(&tar).as_str()]);
+        // Written back.
+        assert_eq!(store.list().unwrap()[0], found);
+
+        // An old record whose layer is another blob (as the old commit could
+        // leave): refused when found.
+        let other = gzip(&rootfs_tar("other"));
+        let od = store.put_blob(&other, None, "other").unwrap();
+        v["layers"][0]["digest"] = serde_json::json!(od);
+        v["layers"][0]["size"] = serde_json::json!(other.len());
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = store.find("example.com/old:1").unwrap_err();
+        assert!(matches!(err, StoreError::UnverifiedImage { .. }), "{err}");
+        assert!(err.to_string().contains("hull rmi"), "{err}");
+    }
+
+    /// Host-side tar reading is bounded: a layer with a GNU long name header
+    /// claiming 1 GiB is refused without reading it.
+    #[test]
+    fn huge_long_name_in_a_layer_is_refused() {
+        let (dir, store) = setup();
+        let mut layer = Vec::new();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(1 << 30);
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        layer.extend_from_slice(h.as_bytes());
+        layer.extend_from_slice(&[b'a'; 4096]);
+        let layer = gzip(&layer);
+        let config = config_for(&[sha256_digest(b"whatever")]);
+        let err = load_bytes(
+            &store,
+            dir.path(),
+            &docker_archive_of(&config, &[layer], "example.com/x:1"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("GNU long name of 1073741824 bytes"), "{msg}");
         assert!(store.list().unwrap().is_empty());
     }
 

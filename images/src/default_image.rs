@@ -61,13 +61,7 @@ pub(crate) fn create(store: &Store, busybox: &Path) -> Result<Image, StoreError>
     let name = Reference::parse_local(DEFAULT_IMAGE)?.to_string();
 
     let _gc = store.lock_gc(false)?;
-    let (layer, diff_id) = ingest_layer(
-        store,
-        layer.as_slice(),
-        None,
-        None,
-        "the default image's layer",
-    )?;
+    let (layer, diff_id) = ingest_layer(store, layer.as_slice(), "the default image's layer")?;
     let config = serde_json::json!({
         "created": CREATED,
         "architecture": "amd64",

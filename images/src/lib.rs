@@ -6,9 +6,11 @@ pub use kernel::{build as build_kernel, BuiltKernel, KernelBuildOptions, KernelE
 
 pub mod archive;
 pub mod default_image;
+mod ingest;
 pub mod reference;
 pub mod registry;
 pub mod store;
+mod tarwalk;
 
 pub use reference::{Reference, ReferenceError};
 pub use registry::{login, login_with, logout};

@@ -29,9 +29,10 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use oci_spec::image::{Arch, ImageConfiguration, ImageIndex, ImageManifest, Os};
 
+use crate::ingest::{persist_all, Expect, Ingest};
 use crate::reference::{is_loopback_host, Reference, DEFAULT_REGISTRY};
 use crate::store::{
-    checked_digest, media, read_bounded, sha256_digest, Compression, Image, Layer, NewImage,
+    checked_digest, media, read_bounded, sha256_digest, BlobWriter, Compression, Image, NewImage,
     PullOptions, Store, StoreError, MAX_JSON_BYTES,
 };
 
@@ -301,9 +302,21 @@ async fn pull_async(
     )?;
     check_platform(&config, &r.to_string())?;
 
-    // Layers.
-    let mut layers = Vec::new();
-    for (i, l) in manifest.layers().iter().enumerate() {
+    // Layers: downloaded (those not in the store) to temporary files, then
+    // each verified against the config's diff ID; only when all passed do
+    // their blobs move into place.
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(StoreError::Other(format!(
+            "{r}: the manifest lists {} layers but the config {} describes {}; the image \
+             is malformed",
+            manifest.layers().len(),
+            config_digest,
+            diff_ids.len()
+        )));
+    }
+    let mut wanted = Vec::new();
+    for (i, (l, diff_id)) in manifest.layers().iter().zip(diff_ids).enumerate() {
         let mt = l.media_type().to_string();
         let what = format!("layer {} of {r}", i + 1);
         let compression =
@@ -313,29 +326,46 @@ async fn pull_async(
                     "media type {mt} is not a tar layer (plain, gzip or zstd) that hull can unpack"
                 ),
             })?;
-        layers.push(Layer {
-            digest: checked_digest(l.digest().as_ref(), &what)?,
+        let digest = checked_digest(l.digest().as_ref(), &what)?;
+        wanted.push(Wanted {
+            what: format!("layer {} ({digest}) of {r}", i + 1),
+            diff_id: checked_digest(diff_id, &format!("the config {config_digest} of {r}"))?,
+            digest,
             media_type: mt,
             size: l.size(),
             compression,
         });
     }
-    let diff_ids = config.rootfs().diff_ids().len();
-    if diff_ids != layers.len() {
-        return Err(StoreError::Other(format!(
-            "{r}: the manifest lists {} layers but the config {} describes {diff_ids}; the image \
-             is malformed",
-            layers.len(),
-            config_digest
-        )));
-    }
-    let progress = Progress::new(opts.progress, &layers);
-    stream::iter(layers.iter().enumerate())
-        .map(|(i, layer)| download_layer(store, &client, &oref, r, i, layer, &progress))
+    let ingest = Ingest::new(store)?;
+    let progress = Progress::new(opts.progress, &wanted);
+    let (client, oref, progress_ref) = (&client, &oref, &progress);
+    let mut downloaded: Vec<(usize, Option<BlobWriter>)> = stream::iter(wanted.iter().enumerate())
+        .map(|(i, layer)| async move {
+            download_layer(store, client, oref, r, i, layer, progress_ref)
+                .await
+                .map(|w| (i, w))
+        })
         .buffer_unordered(PARALLEL_DOWNLOADS)
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
+    downloaded.sort_by_key(|(i, _)| *i);
+    let mut verified = Vec::new();
+    for ((i, blob), layer) in downloaded.into_iter().zip(&wanted) {
+        progress.set(i, "Verifying".to_string(), true);
+        let expect = Expect {
+            digest: Some(&layer.digest),
+            size: Some(layer.size),
+            diff_id: Some((i, &layer.diff_id)),
+            media_type: Some((&layer.media_type, layer.compression)),
+        };
+        verified.push(match blob {
+            Some(w) => ingest.written(w, expect, &layer.what)?,
+            None => ingest.stored(&layer.digest, expect, &layer.what)?,
+        });
+        progress.set(i, "Pull complete".to_string(), true);
+    }
     progress.finish();
+    let layers = persist_all(verified)?;
 
     store.put_blob(
         &manifest_bytes,
@@ -360,19 +390,31 @@ async fn pull_async(
     })
 }
 
+/// A layer the manifest lists.
+struct Wanted {
+    what: String,
+    digest: String,
+    diff_id: String,
+    media_type: String,
+    size: u64,
+    compression: Compression,
+}
+
+/// Downloads a layer that is not in the store into a blob writer (left for
+/// [`Ingest::written`] to verify); `None` when the store has it.
 async fn download_layer(
     store: &Store,
     client: &Client,
     oref: &oci_client::Reference,
     r: &Reference,
     index: usize,
-    layer: &Layer,
+    layer: &Wanted,
     progress: &Progress,
-) -> Result<(), StoreError> {
-    let what = format!("layer {} ({}) of {r}", index + 1, layer.digest);
+) -> Result<Option<BlobWriter>, StoreError> {
+    let what = &layer.what;
     if store.has_blob(&layer.digest) {
         progress.set(index, "Already exists".to_string(), true);
-        return Ok(());
+        return Ok(None);
     }
     progress.set(index, "Downloading".to_string(), true);
     let mut s = client
@@ -389,7 +431,7 @@ async fn download_layer(
             .map_err(StoreError::io(format!("cannot write {what} to the store")))?;
         if w.written() > layer.size {
             return Err(StoreError::SizeMismatch {
-                what,
+                what: what.clone(),
                 expected: layer.size,
                 actual: w.written(),
             });
@@ -404,10 +446,8 @@ async fn download_layer(
             false,
         );
     }
-    progress.set(index, "Verifying".to_string(), true);
-    w.finish(Some(&layer.digest), Some(layer.size), &what)?;
-    progress.set(index, "Pull complete".to_string(), true);
-    Ok(())
+    progress.set(index, "Downloaded".to_string(), true);
+    Ok(Some(w))
 }
 
 fn check_len(len: usize, what: &str) -> Result<(), StoreError> {
@@ -509,7 +549,7 @@ struct ProgressState {
 }
 
 impl Progress {
-    fn new(wanted: bool, layers: &[Layer]) -> Self {
+    fn new(wanted: bool, layers: &[Wanted]) -> Self {
         let rows = layers
             .iter()
             .map(|l| {

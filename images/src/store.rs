@@ -18,7 +18,7 @@
 //! Lock order is always `gc.lock` before `images.lock`, so the two cannot
 //! deadlock.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -96,6 +96,34 @@ pub enum StoreError {
         expected: String,
         /// The digest it has.
         actual: String,
+    },
+    /// A layer's uncompressed content does not hash to the diff ID the image
+    /// config gives it.
+    #[error(
+        "{what}: its uncompressed content is {actual} but the image config's diff_ids[{index}] \
+         is {expected}; the image was refused and not stored: get it again from a source you trust"
+    )]
+    DiffIdMismatch {
+        /// The layer, naming where it came from.
+        what: String,
+        /// Its position in the config's `rootfs.diff_ids`.
+        index: usize,
+        /// The config's diff ID.
+        expected: String,
+        /// The digest of the uncompressed content.
+        actual: String,
+    },
+    /// An image recorded before hull verified layers has layers that do not
+    /// match its config.
+    #[error(
+        "image {id}: its stored layers do not match its config (it was stored before hull \
+         verified layers): {detail}; remove it with `hull rmi {id}` and pull or load it again"
+    )]
+    UnverifiedImage {
+        /// The image ID.
+        id: String,
+        /// What did not match.
+        detail: String,
     },
     /// Content was not the size its descriptor announced.
     #[error("{what}: {actual} bytes, but its descriptor says {expected}; refused")]
@@ -251,6 +279,13 @@ pub struct Layer {
     pub size: u64,
     /// How the blob is compressed.
     pub compression: Compression,
+    /// The digest of the layer's uncompressed tar stream, as hull computed
+    /// it when it stored the layer and found it equal to the config's
+    /// `rootfs.diff_ids` entry. Empty in records written before hull checked
+    /// this: [`Store::find`] verifies such records (and fills it in) before
+    /// it returns them.
+    #[serde(default)]
+    pub diff_id: String,
 }
 
 /// A stored image.
@@ -291,6 +326,34 @@ impl Image {
     pub fn short_id(&self) -> &str {
         let h = self.hex_id();
         &h[..h.len().min(12)]
+    }
+
+    /// The diff IDs of the layers, bottom first: the digests of their
+    /// uncompressed tar streams, verified against the config when the layers
+    /// were stored. An entry is empty only for a layer of an old record that
+    /// was never verified (see [`Layer::diff_id`]).
+    pub fn diff_ids(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.diff_id.as_str()).collect()
+    }
+
+    /// The OCI ChainID of the layer stack (`sha256:<hex>`): the first diff
+    /// ID, then `sha256(chain + " " + next diff ID)` for each layer above.
+    /// It names the exact file system the layers make, whatever their
+    /// compression, so it keys anything built from them. An image without
+    /// layers gets the digest of the empty string.
+    pub fn chain_id(&self) -> String {
+        let mut ids = self.layers.iter().map(|l| l.diff_id.as_str());
+        let Some(first) = ids.next() else {
+            return sha256_digest(b"");
+        };
+        ids.fold(first.to_string(), |chain, d| {
+            sha256_digest(format!("{chain} {d}").as_bytes())
+        })
+    }
+
+    /// Whether every layer has a verified diff ID.
+    pub(crate) fn layers_verified(&self) -> bool {
+        self.layers.iter().all(|l| !l.diff_id.is_empty())
     }
 
     /// Digests of every blob the image uses.
@@ -479,10 +542,93 @@ impl Store {
     /// Finds an image by name (a short name tries `localhost/` first, then
     /// `docker.io/`), by `name@digest`, or by full or unambiguous short ID
     /// (at least 3 hex digits, optionally prefixed `sha256:`).
+    ///
+    /// A record written before hull verified layers is verified here first
+    /// (its layers hashed against the config's diff IDs, once; the record is
+    /// then rewritten with them): an image that fails is an error, never
+    /// returned.
     pub fn find(&self, reference: &str) -> Result<Option<Image>, StoreError> {
+        let found = {
+            let _lock = self.lock_images(false)?;
+            let all = self.read_records()?;
+            resolve(&all, reference)?.map(|(i, _)| all[i].clone())
+        };
+        match found {
+            Some(img) if !img.layers_verified() => self.upgrade_record(img).map(Some),
+            other => Ok(other),
+        }
+    }
+
+    /// Verifies the layers of an old record that has no diff IDs, and
+    /// records them.
+    fn upgrade_record(&self, mut img: Image) -> Result<Image, StoreError> {
+        // Blobs stay while they are hashed (gc.lock before images.lock).
+        let _gc = self.lock_gc(false)?;
+        self.verify_old_layers(&mut img)?;
+        let _lock = self.lock_images(true)?;
+        let mut all = self.read_records()?;
+        let Some(current) = all.iter_mut().find(|i| i.id == img.id) else {
+            // Removed meanwhile: what was verified is still what was asked.
+            return Ok(img);
+        };
+        let same = current.layers.len() == img.layers.len()
+            && current
+                .layers
+                .iter()
+                .zip(&img.layers)
+                .all(|(a, b)| a.digest == b.digest);
+        if same {
+            for (c, v) in current.layers.iter_mut().zip(&img.layers) {
+                c.diff_id.clone_from(&v.diff_id);
+            }
+            self.write_record(current)?;
+            return Ok(current.clone());
+        }
+        Ok(img)
+    }
+
+    /// Hashes every layer of `img` that has no diff ID and checks it against
+    /// the config; fills the diff IDs in.
+    fn verify_old_layers(&self, img: &mut Image) -> Result<(), StoreError> {
+        let expected = img.config.rootfs().diff_ids().clone();
+        if expected.len() != img.layers.len() {
+            return Err(StoreError::UnverifiedImage {
+                id: img.id.clone(),
+                detail: format!(
+                    "{} layers but {} diff IDs in the config",
+                    img.layers.len(),
+                    expected.len()
+                ),
+            });
+        }
+        for (i, (layer, want)) in img.layers.iter_mut().zip(&expected).enumerate() {
+            if !layer.diff_id.is_empty() {
+                continue;
+            }
+            let what = format!("layer {} ({}) of image {}", i + 1, layer.digest, img.id);
+            let actual = crate::ingest::stored_diff_id(self, layer, &what)?;
+            if &actual != want {
+                return Err(StoreError::UnverifiedImage {
+                    id: img.id.clone(),
+                    detail: format!("{what} is {actual}, the config says {want}"),
+                });
+            }
+            layer.diff_id = actual;
+        }
+        Ok(())
+    }
+
+    /// Digest -> diff ID of every layer a record lists with a verified diff
+    /// ID (records are written only by this crate, after verification).
+    pub(crate) fn known_diff_ids(&self) -> Result<HashMap<String, String>, StoreError> {
         let _lock = self.lock_images(false)?;
-        let all = self.read_records()?;
-        Ok(resolve(&all, reference)?.map(|(i, _)| all[i].clone()))
+        Ok(self
+            .read_records()?
+            .into_iter()
+            .flat_map(|i| i.layers)
+            .filter(|l| !l.diff_id.is_empty())
+            .map(|l| (l.digest, l.diff_id))
+            .collect())
     }
 
     /// All images, newest first.
@@ -643,10 +789,24 @@ impl Store {
                         old.repo_digests.push(d);
                     }
                 }
-                if old.layers != new.layers {
-                    old.manifest_digest = new.manifest_digest;
-                    old.layers = new.layers;
-                    old.size = new.size;
+                // The ID is trusted only with the layers first verified for
+                // it: a later image with the same config never replaces them
+                // (its own layers, verified too, differ only in compression;
+                // its new blobs are garbage for `image prune`).
+                if !old.layers_verified() {
+                    let same = old.layers.len() == new.layers.len()
+                        && old
+                            .layers
+                            .iter()
+                            .zip(&new.layers)
+                            .all(|(a, b)| a.digest == b.digest);
+                    if same {
+                        for (o, n) in old.layers.iter_mut().zip(&new.layers) {
+                            o.diff_id.clone_from(&n.diff_id);
+                        }
+                    } else {
+                        self.verify_old_layers(&mut old)?;
+                    }
                 }
                 old
             }
@@ -905,6 +1065,10 @@ pub(crate) struct BlobWriter {
     dir: PathBuf,
     hasher: Sha256,
     written: u64,
+    /// Set once sealed.
+    digest: Option<String>,
+    /// Moved into place.
+    persisted: bool,
 }
 
 impl BlobWriter {
@@ -925,6 +1089,8 @@ impl BlobWriter {
             dir: dir.to_path_buf(),
             hasher: Sha256::new(),
             written: 0,
+            digest: None,
+            persisted: false,
         })
     }
 
@@ -937,6 +1103,21 @@ impl BlobWriter {
     /// and moves it into place. Returns the digest and size.
     pub(crate) fn finish(
         mut self,
+        expected: Option<&str>,
+        expected_size: Option<u64>,
+        what: &str,
+    ) -> Result<(String, u64), StoreError> {
+        let (digest, _) = self.seal(expected, expected_size, what)?;
+        let size = self.persist(what)?;
+        Ok((digest, size))
+    }
+
+    /// Ends writing: syncs the temporary file and verifies it against
+    /// `expected` digest and size (when given), leaving it where it is (see
+    /// [`BlobWriter::sealed_path`]) until [`BlobWriter::persist`]. Returns the
+    /// digest and size.
+    pub(crate) fn seal(
+        &mut self,
         expected: Option<&str>,
         expected_size: Option<u64>,
         what: &str,
@@ -966,14 +1147,33 @@ impl BlobWriter {
         }
         file.sync_all()
             .map_err(StoreError::io(format!("cannot write {what} to the store")))?;
-        drop(file);
-        let hex = actual.trim_start_matches("sha256:");
+        self.digest = Some(actual.clone());
+        Ok((actual, self.written))
+    }
+
+    /// The sealed, not yet persisted content (for reading it back).
+    pub(crate) fn sealed_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Moves sealed content into place under its digest. Returns its size,
+    /// as the file on disk has it.
+    pub(crate) fn persist(mut self, what: &str) -> Result<u64, StoreError> {
+        let digest = self
+            .digest
+            .take()
+            .ok_or_else(|| StoreError::Other(format!("{what}: blob not sealed")))?;
+        let hex = digest.trim_start_matches("sha256:");
         let dest = self.dir.join(hex);
         fs::rename(&self.tmp, &dest).map_err(StoreError::io(format!(
             "cannot move {what} into place at {}",
             dest.display()
         )))?;
-        Ok((actual, self.written))
+        self.persisted = true;
+        let size = fs::metadata(&dest)
+            .map_err(StoreError::io(format!("cannot stat {}", dest.display())))?
+            .len();
+        Ok(size)
     }
 }
 
@@ -999,7 +1199,8 @@ impl Write for BlobWriter {
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if self.file.is_some() || self.tmp.exists() {
+        // Unfinished, refused, or sealed but not persisted: nothing stays.
+        if !self.persisted {
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -1146,10 +1347,11 @@ mod tests {
                 config,
                 manifest_digest,
                 layers: vec![Layer {
-                    digest: layer_digest,
+                    digest: layer_digest.clone(),
                     media_type: media::OCI_LAYER_TAR.to_string(),
                     size: layer.len() as u64,
                     compression: Compression::None,
+                    diff_id: layer_digest.clone(),
                 }],
                 names: names.iter().map(ToString::to_string).collect(),
                 repo_digests: vec![],
