@@ -380,6 +380,16 @@ fn pull_from_local_registry() {
         .pull(&format!("{host}/test/docker:v2s2"), &opts())
         .expect("pull v2s2");
     assert_eq!(v2.layers.len(), 2);
+    // Same config, so the same image: its record keeps the layers it was
+    // first verified with (a later pull never replaces them).
+    assert_eq!(v2.id, img.id);
+    assert_eq!(v2.layers, img.layers);
+    assert_eq!(v2.diff_ids(), img.diff_ids());
+    // In a fresh store, the docker media types are recorded.
+    let docker_store = Store::open(Some(dir.path().join("docker-store"))).expect("open store");
+    let v2 = docker_store
+        .pull(&format!("{host}/test/docker:v2s2"), &opts())
+        .expect("pull v2s2");
     for l in &v2.layers {
         assert_eq!(
             l.media_type,
@@ -574,4 +584,101 @@ fn load_archives_written_by_skopeo() {
     );
     assert_eq!(o[0].id, d[0].id);
     assert_eq!(store.list().expect("list").len(), 1);
+}
+
+/// Adds tag `evil` to `layout`: the `latest` image's exact config (so its
+/// image ID) with its first layer swapped for another one.
+fn add_evil_tag(layout: &Path) {
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("read index")).expect("json");
+    let latest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&latest)).expect("manifest")).expect("json");
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let data = b"#!/bin/sh\necho pwned\n";
+    h.set_size(data.len() as u64);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, "bin/sh", &data[..]).expect("tar");
+    let tar = tar.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("gzip");
+    let layer = gz.finish().expect("gzip");
+    let ld = write_blob(layout, &layer);
+    manifest["layers"][0]["digest"] = serde_json::json!(ld);
+    manifest["layers"][0]["size"] = serde_json::json!(layer.len());
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let md = write_blob(layout, &bytes);
+    index["manifests"]
+        .as_array_mut()
+        .expect("manifests")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md,
+            "size": bytes.len(), "annotations": { "org.opencontainers.image.ref.name": "evil" },
+        }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("index");
+}
+
+/// A registry image that reuses a trusted image's config with other layers
+/// is refused on pull; the trusted image keeps its record and blobs.
+#[test]
+fn pull_of_trusted_config_with_other_layers_is_refused() {
+    require_tools();
+    docker_config_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = build_umoci_image(dir.path());
+    add_evil_tag(&layout);
+    let reg = Registry::start(dir.path(), None);
+    let host = reg.host();
+    let good = format!("{host}/test/good:latest");
+    let evil = format!("{host}/test/evil:latest");
+    push(&layout, "latest", &good, &[]);
+    push(&layout, "evil", &evil, &[]);
+
+    let store = Store::open(Some(dir.path().join("store"))).expect("open store");
+    let trusted = store.pull(&good, &opts()).expect("pull the trusted image");
+    assert!(trusted.diff_ids().iter().all(|d| d.starts_with("sha256:")));
+    let blobs = blob_count(&store);
+
+    let err = store
+        .pull(&evil, &opts())
+        .expect_err("pull of other layers");
+    assert!(
+        matches!(err, StoreError::DiffIdMismatch { index: 0, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("layer 1") && msg.contains("test/evil"),
+        "{msg}"
+    );
+    assert_eq!(
+        store.find(&trusted.id).expect("find"),
+        Some(trusted.clone()),
+        "the trusted record changed"
+    );
+    assert!(store.find(&evil).expect("find").is_none());
+    assert_eq!(blob_count(&store), blobs, "the refused layer was stored");
+    for d in trusted.blob_digests() {
+        assert!(store.has_blob(d), "{d} is gone");
+    }
+
+    // Into a fresh store: refused the same, nothing recorded.
+    let fresh = Store::open(Some(dir.path().join("fresh"))).expect("open");
+    assert!(matches!(
+        fresh.pull(&evil, &opts()),
+        Err(StoreError::DiffIdMismatch { .. })
+    ));
+    assert!(fresh.list().expect("list").is_empty());
+    drop(reg);
 }
