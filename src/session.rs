@@ -19,6 +19,8 @@ use guest_init::protocol::{Frame, FrameDecoder, ProtocolError};
 const MAX_QUEUED: usize = 256 * 1024;
 /// Chunk size for stdin frames.
 const STDIN_CHUNK: usize = 64 * 1024;
+/// Most of the init's notes kept in [`Marks`] (a guest sends as many as it likes).
+const MAX_NOTES: usize = 256;
 
 /// How the container ended, as the guest reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +77,8 @@ pub struct Relay {
 pub struct Marks {
     /// VM start to the init's `Ready`.
     pub ready_ms: Option<u128>,
-    /// The init's own notes: (ms since the init started, text).
+    /// The init's own notes: (ms since the init started, text), the first
+    /// [`MAX_NOTES`].
     pub notes: Vec<(u64, String)>,
 }
 
@@ -129,7 +132,9 @@ impl Session<'_> {
                 if self.relay.debug {
                     eprintln!("hull: guest +{ms} ms: {text}");
                 }
-                self.marks.notes.push((ms, text));
+                if self.marks.notes.len() < MAX_NOTES {
+                    self.marks.notes.push((ms, text));
+                }
             }
             Frame::Exited(code) => {
                 self.outcome.get_or_insert(Outcome::Exited(code));
@@ -345,6 +350,25 @@ mod tests {
         assert_eq!(outcome, Outcome::Exited(3));
         assert_eq!(marks.notes, vec![(5, "exec".to_string())]);
         assert!(marks.ready_ms.is_some());
+    }
+
+    #[test]
+    fn a_guest_sending_endless_notes_does_not_grow_the_note_list() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        let guest_side = std::thread::spawn(move || {
+            let _spec = Frame::read_from(&mut guest).unwrap();
+            for i in 0..5000 {
+                Frame::Note(i, format!("note {i}"))
+                    .write_to(&mut guest)
+                    .unwrap();
+            }
+            Frame::Exited(0).write_to(&mut guest).unwrap();
+        });
+        let (outcome, marks) = run(&mut host, &[Frame::Spec(Vec::new())], &relay()).unwrap();
+        guest_side.join().unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        assert_eq!(marks.notes.len(), MAX_NOTES);
+        assert_eq!(marks.notes[0], (0, "note 0".to_string()));
     }
 
     #[test]
