@@ -35,6 +35,9 @@ const HEADER_LEN: u64 = 16;
 /// Configuration space up to `seg_max`: capacity (u64), size_max, seg_max.
 const CONFIG_LEN: usize = 16;
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Request bytes one wake-up serves at most (besides at most a queue's worth
+/// of requests); at least one request is always served.
+const BYTES_PER_WAKE: u64 = 32 << 20;
 /// Zeros for reads past the end of the file.
 const ZEROS: [u8; 4096] = [0; 4096];
 
@@ -180,12 +183,20 @@ impl Block {
             return;
         }
         let mut used = false;
+        let mut left = active.budget(0);
+        let mut bytes = 0u64;
         let result = loop {
+            if left == 0 || bytes >= BYTES_PER_WAKE {
+                left = 0;
+                break Ok(());
+            }
+            left -= 1;
             let (head, bufs) = match active.pop(0, MAX_DESCS) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
+            bytes = bytes.saturating_add(total_len(&bufs));
             let len = match self.disk.handle(&active.mem, &bufs) {
                 Ok(len) => len,
                 Err(why) => {
@@ -206,6 +217,8 @@ impl Block {
         }
         if let Err(e) = result {
             active.fail(NAME, &e);
+        } else if left == 0 {
+            self.events.yield_queue(active, 0, NAME);
         }
     }
 }
@@ -677,6 +690,31 @@ mod tests {
         let mut got = [0u8; 512];
         h.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
         assert!(got.iter().all(|&b| b == 5));
+    }
+
+    #[test]
+    fn a_ring_kept_full_gets_a_queue_worth_per_wake_up() {
+        let (dev, _) = disk(&[0u8; 4096], false);
+        let mut h = Harness::new(dev, &[QUEUE_SIZE]);
+        // Every chain is one indirect descriptor: a flush (header, status).
+        header(&h, VIRTIO_BLK_T_FLUSH, 0);
+        let table = DATA + 0x10_000;
+        for (i, (addr, len, flags, next)) in [(HDR, 16u32, NEXT, 1u16), (STATUS, 1, W, 0)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..].copy_from_slice(&next.to_le_bytes());
+            h.mem
+                .write_slice(&raw, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let guest = h.full_ring_guest(0, |_| (table, 32, INDIRECT), 50_000);
+        h.assert_bounded_while_kept_full(0, guest);
+        assert!(!h.needs_reset());
     }
 
     #[test]

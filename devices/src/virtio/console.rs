@@ -33,6 +33,20 @@ const RX_ROUNDS: usize = 16;
 /// no feature is offered that makes the guest read it).
 const CONFIG: [u8; 12] = [0; 12];
 
+/// Guest output bytes sent per wake-up at most.
+const TX_BYTES_PER_WAKE: u64 = 1 << 20;
+
+/// What one wake-up did and may still do.
+#[derive(Debug)]
+struct Batch {
+    /// Queues whose used ring got entries.
+    used: [bool; 2],
+    /// Chains each queue may still give.
+    left: [usize; 2],
+    /// Guest output sent so far.
+    tx_bytes: u64,
+}
+
 /// A guest transmit chain partly sent.
 #[derive(Debug)]
 struct TxChain {
@@ -95,29 +109,43 @@ impl Console {
     /// what the socket is watched for.
     fn run(&mut self, ops: &mut EventOps) {
         if self.usable() {
-            let mut used = [false; 2];
-            let result = self.transfer(&mut used);
+            let mut batch = match self.active.as_ref() {
+                Some(active) => Batch {
+                    used: [false; 2],
+                    left: [active.budget(RX), active.budget(TX)],
+                    tx_bytes: 0,
+                },
+                None => return,
+            };
+            let result = self.transfer(&mut batch);
             if let Some(active) = self.active.as_mut() {
-                for (q, _) in used.iter().enumerate().filter(|(_, &u)| u) {
+                for (q, _) in batch.used.iter().enumerate().filter(|(_, &u)| u) {
                     active.notify_used(q);
                 }
-                if let Err(e) = result {
-                    active.fail(NAME, &e);
+                match result {
+                    Err(e) => active.fail(NAME, &e),
+                    Ok(()) => {
+                        for q in [RX, TX] {
+                            if batch.left[q] == 0 {
+                                self.events.yield_queue(active, q, NAME);
+                            }
+                        }
+                    }
                 }
             }
         }
         self.update_interest(ops);
     }
 
-    fn transfer(&mut self, used: &mut [bool; 2]) -> Result<(), DeviceError> {
+    fn transfer(&mut self, batch: &mut Batch) -> Result<(), DeviceError> {
         for _ in 0..RX_ROUNDS {
             let read = self.read_socket();
-            let delivered = self.deliver_rx(used)?;
+            let delivered = self.deliver_rx(batch)?;
             if !read && !delivered {
                 break;
             }
         }
-        self.transmit(used)
+        self.transmit(batch)
     }
 
     /// Reads from the socket into the pending buffer, while there is room.
@@ -151,12 +179,13 @@ impl Console {
 
     /// Delivers pending host bytes into the guest's receive buffers. Returns
     /// whether anything was delivered.
-    fn deliver_rx(&mut self, used: &mut [bool; 2]) -> Result<bool, DeviceError> {
+    fn deliver_rx(&mut self, batch: &mut Batch) -> Result<bool, DeviceError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
         };
         let mut delivered = false;
-        while !self.rx_pending.is_empty() {
+        while !self.rx_pending.is_empty() && batch.left[RX] > 0 {
+            batch.left[RX] -= 1;
             let Some((head, bufs)) = active.pop(RX, MAX_DESCS)? else {
                 break;
             };
@@ -179,13 +208,14 @@ impl Console {
                 crate::rate_limited!(debug, "virtio-console: unusable receive buffer");
             }
             active.add_used(RX, head, len)?;
-            used[RX] = true;
+            batch.used[RX] = true;
         }
         Ok(delivered)
     }
 
-    /// Sends the guest's transmit buffers to the socket until it would block.
-    fn transmit(&mut self, used: &mut [bool; 2]) -> Result<(), DeviceError> {
+    /// Sends the guest's transmit buffers to the socket until it would block
+    /// or the batch is used up.
+    fn transmit(&mut self, batch: &mut Batch) -> Result<(), DeviceError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
@@ -193,13 +223,17 @@ impl Console {
             let mut chain = match self.tx_inflight.take() {
                 Some(chain) => chain,
                 None => {
+                    if batch.left[TX] == 0 {
+                        return Ok(());
+                    }
+                    batch.left[TX] -= 1;
                     let Some((head, bufs)) = active.pop(TX, MAX_DESCS)? else {
                         return Ok(());
                     };
                     if bufs.iter().any(|b| b.writable) || !in_memory(&active.mem, &bufs) {
                         crate::rate_limited!(debug, "virtio-console: unusable transmit buffer");
                         active.add_used(TX, head, 0)?;
-                        used[TX] = true;
+                        batch.used[TX] = true;
                         continue;
                     }
                     let total = total_len(&bufs);
@@ -212,8 +246,17 @@ impl Console {
                 }
             };
             while !self.tx_closed && chain.sent < chain.total {
+                if batch.tx_bytes >= TX_BYTES_PER_WAKE {
+                    // The socket still takes more: it wakes the loop again
+                    // (watched for OUT while a chain is in flight).
+                    self.tx_inflight = Some(chain);
+                    return Ok(());
+                }
                 match send_chunk(&self.stream, &active.mem, &chain) {
-                    Ok(n) => chain.sent += n as u64,
+                    Ok(n) => {
+                        chain.sent += n as u64;
+                        batch.tx_bytes += n as u64;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.tx_inflight = Some(chain);
@@ -226,7 +269,7 @@ impl Console {
                 }
             }
             active.add_used(TX, chain.head, 0)?;
-            used[TX] = true;
+            batch.used[TX] = true;
         }
     }
 
@@ -368,9 +411,13 @@ mod tests {
     use vm_memory::GuestAddress;
 
     fn console() -> (Harness<Console>, UnixStream) {
+        console_with(&[16, 16])
+    }
+
+    fn console_with(sizes: &[u16]) -> (Harness<Console>, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         theirs.set_nonblocking(true).unwrap();
-        let h = Harness::new(Console::new(ours).unwrap(), &[16, 16]);
+        let h = Harness::new(Console::new(ours).unwrap(), sizes);
         (h, theirs)
     }
 
@@ -492,6 +539,29 @@ mod tests {
         assert_eq!(h.used(TX), vec![(0, 0)]);
         assert!(h.used(RX).is_empty());
         assert!(!h.needs_reset());
+    }
+
+    #[test]
+    fn a_ring_kept_full_gets_a_queue_worth_per_wake_up() {
+        let (mut h, peer) = console_with(&[QUEUE_SIZE, QUEUE_SIZE]);
+        // The host end is gone: output is discarded as fast as it comes.
+        drop(peer);
+        h.pump();
+        let guest = h.full_ring_guest(TX, |i| (DATA + u64::from(i) * 0x100, 64, 0), 50_000);
+        h.assert_bounded_while_kept_full(TX, guest);
+    }
+
+    #[test]
+    fn receive_buffers_kept_full_get_a_queue_worth_per_wake_up() {
+        let (mut h, mut peer) = console_with(&[QUEUE_SIZE, QUEUE_SIZE]);
+        peer.write_all(b"pending input").unwrap();
+        // Read now, so the guest's notifications are the only events.
+        h.pump();
+        assert!(!h.dev.lock().unwrap().rx_pending.is_empty());
+        // Device-readable receive buffers: each is returned empty and the
+        // input keeps waiting for a good one.
+        let guest = h.full_ring_guest(RX, |i| (DATA + u64::from(i) * 0x100, 64, 0), 50_000);
+        h.assert_bounded_while_kept_full(RX, guest);
     }
 
     #[test]

@@ -59,6 +59,17 @@
 //! loop, an index past the queue, a bad available index, a used ring that
 //! cannot be written) makes the device set `DEVICE_NEEDS_RESET` and stop
 //! processing until the driver resets it.
+//!
+//! Each event a device handles serves at most a queue's worth of chains (the
+//! queue size) from each queue, and block and console output also stop after
+//! a number of bytes. A device that stops with chains still on the ring
+//! signals its own queue event again and returns: the event loop serves
+//! whatever else is ready (the VMM's stop request among it) before it comes
+//! back, so a driver that keeps a ring full cannot hold the event loop.
+//!
+//! Whatever a guest can make a device log goes through
+//! [`rate_limited!`](crate::rate_limited) and names registers, indices and
+//! error kinds, never guest data.
 
 mod block;
 mod chain;
@@ -305,6 +316,32 @@ impl Active {
         ))
     }
 
+    /// How many chains one wake-up may take from queue `q`: a queue's worth.
+    /// A device that used it up ends the wake-up with
+    /// [`QueueEvents::yield_queue`], so a driver that keeps its ring full
+    /// cannot hold the event loop.
+    fn budget(&self, q: usize) -> usize {
+        self.queues
+            .get(q)
+            .map_or(0, |queue| usize::from(queue.size()))
+    }
+
+    /// Whether the driver offers chains on queue `q` not taken yet (false
+    /// once the device failed).
+    fn has_more(&self, q: usize) -> bool {
+        let Some(queue) = self.queues.get(q) else {
+            return false;
+        };
+        if self.failed || !queue.ready() {
+            return false;
+        }
+        // An unreadable index counts as more: the next wake-up takes the
+        // error path and fails the device.
+        queue
+            .avail_idx(&self.mem, Ordering::Acquire)
+            .map_or(true, |idx| idx.0 != queue.next_avail())
+    }
+
     /// Takes the next available chain of queue `q`, walked into at most
     /// `max_descs` buffers. `Ok(None)`: nothing available (or the queue is
     /// unused).
@@ -447,6 +484,21 @@ impl QueueEvents {
             self.watched.push(evt);
         }
         true
+    }
+
+    /// Event loop: a wake-up used up its budget on queue `q`. If the driver
+    /// offers more, the queue's event is signalled again: the event loop
+    /// serves everything else that is ready (the VMM's stop request among
+    /// it) before it comes back to this queue.
+    fn yield_queue(&self, active: &Active, q: usize, name: &str) {
+        if !active.has_more(q) {
+            return;
+        }
+        if let Some(evt) = self.watched.get(q) {
+            if let Err(e) = evt.write(1) {
+                crate::rate_limited!(warn, "virtio-{name}: cannot requeue queue {q}: {e}");
+            }
+        }
     }
 
     /// Event loop: if `events` is a queue notification, consumes it and

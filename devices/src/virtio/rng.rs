@@ -48,7 +48,12 @@ impl Rng {
             return;
         }
         let mut used = false;
+        let mut left = active.budget(0);
         let result = loop {
+            if left == 0 {
+                break Ok(());
+            }
+            left -= 1;
             let (head, bufs) = match active.pop(0, MAX_DESCS) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break Ok(()),
@@ -65,6 +70,8 @@ impl Rng {
         }
         if let Err(e) = result {
             active.fail(NAME, &e);
+        } else if left == 0 {
+            self.events.yield_queue(active, 0, NAME);
         }
     }
 }
@@ -212,6 +219,14 @@ mod tests {
         h.notify(0);
         assert_eq!(h.used(0), vec![(0, 0), (1, 0)]);
         assert!(!h.needs_reset());
+    }
+
+    #[test]
+    fn a_ring_kept_full_gets_a_queue_worth_per_wake_up() {
+        let mut h = Harness::new(Rng::new().unwrap(), &[QUEUE_SIZE]);
+        // Without the bound, the first wake-up would serve all 50000.
+        let guest = h.full_ring_guest(0, |i| (DATA + u64::from(i) * 0x100, 64, W), 50_000);
+        h.assert_bounded_while_kept_full(0, guest);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! A driver-side harness for device tests: guest memory, split queues laid out
 //! in it, the device activated and driven through a real event manager.
 
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
@@ -189,6 +192,119 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
             .collect()
     }
 
+    /// One wake-up of the event loop (what the VMM's loop does between two
+    /// looks at whether the VM must stop); returns the events it served.
+    pub fn run_once(&mut self) -> usize {
+        self.manager.run_with_timeout(0).unwrap()
+    }
+
+    /// The used ring's index of queue `q`.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()
+    }
+
+    /// Starts a driver, in another thread, that keeps queue `q` full: slot
+    /// `i` of the descriptor table holds the one-descriptor chain `desc(i)`,
+    /// and each head goes back on the available ring (with a notification)
+    /// as soon as the device used it. It stops when told to, or once `limit`
+    /// chains were used.
+    pub fn full_ring_guest(
+        &mut self,
+        q: usize,
+        desc: impl Fn(u16) -> (u64, u32, u16),
+        limit: u64,
+    ) -> FullRingGuest {
+        // One such test at a time: the driver needs a CPU to keep up.
+        let serial = FULL_RING_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let size = self.sizes[q];
+        let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), size);
+        for i in 0..size {
+            let (addr, len, flags) = desc(i);
+            table
+                .store(
+                    i,
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0)),
+                )
+                .unwrap();
+        }
+        let mem = self.mem.clone();
+        let notify = self.notify[q].try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_guest = stop.clone();
+        let mut avail = self.avail_idx[q];
+        let thread = std::thread::spawn(move || {
+            let used_at = GuestAddress(used_ring(q) + 2);
+            let mut last: u16 = mem.read_obj(used_at).unwrap();
+            let mut total = 0u64;
+            while !stop_guest.load(Ordering::SeqCst) && total < limit {
+                fence(Ordering::SeqCst);
+                let used: u16 = mem.read_obj(used_at).unwrap();
+                total += u64::from(used.wrapping_sub(last));
+                last = used;
+                while avail.wrapping_sub(used) < size {
+                    let slot = avail % size;
+                    mem.write_obj(slot, GuestAddress(avail_ring(q) + 4 + 2 * u64::from(slot)))
+                        .unwrap();
+                    fence(Ordering::Release);
+                    avail = avail.wrapping_add(1);
+                    mem.write_obj(avail, GuestAddress(avail_ring(q) + 2))
+                        .unwrap();
+                    fence(Ordering::SeqCst);
+                    notify.write(1).unwrap();
+                }
+                std::hint::spin_loop();
+            }
+            total
+        });
+        FullRingGuest {
+            stop,
+            thread: Some(thread),
+            _serial: serial,
+        }
+    }
+
+    /// Runs the event loop as the VMM does (one wake-up, then a look at
+    /// whether the VM must stop) while `guest` keeps queue `q` full, until
+    /// the VM is asked to stop, 500 ms in. Checks that no wake-up served more
+    /// than a queue's worth of chains and that the loop then stops at once.
+    pub fn assert_bounded_while_kept_full(&mut self, q: usize, guest: FullRingGuest) {
+        let size = self.sizes[q];
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let stopping = stopping.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                stopping.store(true, Ordering::SeqCst);
+                Instant::now()
+            })
+        };
+        let mut before = self.used_idx(q);
+        let mut most = 0u16;
+        let mut wakes = 0u32;
+        while !stopping.load(Ordering::SeqCst) {
+            self.run_once();
+            let after = self.used_idx(q);
+            most = most.max(after.wrapping_sub(before));
+            before = after;
+            wakes += 1;
+        }
+        let stopped = Instant::now();
+        let asked = stopper.join().unwrap();
+        let used = guest.stop();
+        assert!(
+            most <= size,
+            "one wake-up served {most} chains of a {size}-entry queue"
+        );
+        assert!(used > 0, "the device served nothing in {wakes} wake-ups");
+        assert!(
+            stopped.saturating_duration_since(asked) < Duration::from_secs(1),
+            "the loop noticed the stop after {:?}",
+            stopped.saturating_duration_since(asked)
+        );
+    }
+
     /// Whether the irq fired since the last call.
     pub fn take_irq(&self) -> bool {
         self.interrupt.irq().read().is_ok()
@@ -203,6 +319,29 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
         self.dev.lock().unwrap().reset();
         self.interrupt.clear();
         self.pump();
+    }
+}
+
+/// A driver thread started by [`Harness::full_ring_guest`].
+pub(crate) struct FullRingGuest {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+static FULL_RING_TESTS: Mutex<()> = Mutex::new(());
+
+impl FullRingGuest {
+    /// Stops the driver; returns how many chains the device used meanwhile.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for FullRingGuest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
