@@ -243,6 +243,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
                 let used: u16 = mem.read_obj(used_at).unwrap();
                 total += u64::from(used.wrapping_sub(last));
                 last = used;
+                let mut added = false;
                 while avail.wrapping_sub(used) < size {
                     let slot = avail % size;
                     mem.write_obj(slot, GuestAddress(avail_ring(q) + 4 + 2 * u64::from(slot)))
@@ -251,6 +252,9 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
                     avail = avail.wrapping_add(1);
                     mem.write_obj(avail, GuestAddress(avail_ring(q) + 2))
                         .unwrap();
+                    added = true;
+                }
+                if added {
                     fence(Ordering::SeqCst);
                     notify.write(1).unwrap();
                 }
