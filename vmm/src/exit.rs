@@ -1,7 +1,7 @@
 //! How a VM ends, and how the thread that notices tells the others.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -52,6 +52,8 @@ pub struct ExitSignal {
     reason: Arc<Mutex<Option<VmExit>>>,
     stopping: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    /// Notified (under `reason`'s lock) when `stopping` is set.
+    stopped: Arc<Condvar>,
 }
 
 impl ExitSignal {
@@ -64,6 +66,7 @@ impl ExitSignal {
             reason: Arc::default(),
             stopping: Arc::default(),
             wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            stopped: Arc::default(),
         })
     }
 
@@ -75,8 +78,21 @@ impl ExitSignal {
             *slot = Some(reason);
         }
         self.stopping.store(true, Ordering::SeqCst);
+        self.stopped.notify_all();
+        drop(slot);
         // If the wake-up write fails the loop still sees `stopping` at its next wake.
         let _ = self.wake.write(1);
+    }
+
+    /// Blocks until an exit was recorded.
+    pub(crate) fn wait(&self) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        while !self.stopping() {
+            slot = self
+                .stopped
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// The recorded reason.
@@ -126,5 +142,19 @@ mod tests {
         assert_eq!(s.reason(), Some(VmExit::Reset));
         assert!(s.stopping());
         assert!(s.wake().read().unwrap() >= 1);
+        s.wait();
+    }
+
+    #[test]
+    fn wait_returns_once_another_thread_signals() {
+        let s = ExitSignal::new().unwrap();
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished());
+        s.exit(VmExit::PowerOff);
+        waiter.join().unwrap();
     }
 }

@@ -243,27 +243,33 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
         what: "the vCPU kick signal",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
-    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(usize::from(config.cpus));
-    for index in 0..config.cpus {
+    let cpus = config.cpus;
+    let start_vcpu = |index: u8| -> Result<JoinHandle<()>, VmmError> {
         let vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(vm_err("KVM_CREATE_VCPU"))?;
-        vcpu::configure(&kvm, &vcpu, index, config.cpus, entry.entry, cr3)?;
+        vcpu::configure(&kvm, &vcpu, index, cpus, entry.entry, cr3)?;
         let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || vcpu::run_loop(index, vcpu, &pio, &mmio, &exit))
-            .map_err(host_err("a vCPU thread"))?;
-        threads.push(thread);
+            .map_err(host_err("a vCPU thread"))
+    };
+    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(usize::from(cpus));
+    for index in 0..cpus {
+        match start_vcpu(index) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                // The vCPUs already running must stop before the VM goes.
+                exit.exit(VmExit::Error(e.to_string()));
+                stop_vcpus(threads);
+                return Err(e);
+            }
+        }
     }
-    tracing::debug!(
-        "vm: {} vCPUs running after {:?}",
-        config.cpus,
-        started.elapsed()
-    );
+    tracing::debug!("vm: {cpus} vCPUs running after {:?}", started.elapsed());
 
-    let outcome = event_loop(&mut events, &exit, &watch);
-    stop_vcpus(threads);
+    let outcome = run_until_exit(&mut events, &exit, &watch, threads);
     tracing::debug!("vm: stopped after {:?}: {outcome:?}", started.elapsed());
     // The memory mapping must outlive every vCPU: the threads are joined (or
     // abandoned in a stopped state) above, and `vm` drops before `mem`.
@@ -286,6 +292,69 @@ fn dummy_event() -> EventFd {
     // Only reached if dup() fails; draining then simply does nothing useful
     // and the loop still checks the shared state after every wake.
     EventFd::new(EFD_NONBLOCK).unwrap_or_else(|_| std::process::abort())
+}
+
+/// Runs the event loop until the VM stops, while another thread stops the
+/// vCPUs as soon as an exit is recorded: stopping them never waits for a
+/// device handler to finish (the event loop notices the exit between two
+/// bounded batches of device work). Returns once both are done.
+fn run_until_exit(
+    events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    exit: &ExitSignal,
+    watch: &ConsoleWatch,
+    threads: Vec<JoinHandle<()>>,
+) -> VmExit {
+    let stopper = VcpuStopper::start(threads, exit);
+    let outcome = event_loop(events, exit, watch);
+    stopper.finish();
+    outcome
+}
+
+/// Stops the vCPU threads once the VM's exit is recorded.
+enum VcpuStopper {
+    /// A thread waits for the exit, then kicks the vCPUs.
+    Thread(JoinHandle<()>),
+    /// No thread could be started: the vCPUs are stopped after the event loop.
+    Inline(Vec<JoinHandle<()>>),
+}
+
+impl VcpuStopper {
+    fn start(threads: Vec<JoinHandle<()>>, exit: &ExitSignal) -> Self {
+        let shared = Arc::new(Mutex::new(threads));
+        let (handles, exit) = (Arc::clone(&shared), exit.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-stop".into())
+            .spawn(move || {
+                exit.wait();
+                let threads = std::mem::take(&mut *lock(&handles));
+                stop_vcpus(threads);
+            });
+        match spawned {
+            Ok(thread) => Self::Thread(thread),
+            Err(e) => {
+                tracing::warn!(
+                    "vm: no thread to stop the vCPUs ({e}); they stop after the event loop"
+                );
+                Self::Inline(std::mem::take(&mut *lock(&shared)))
+            }
+        }
+    }
+
+    /// Waits until the vCPUs are stopped (the exit must be recorded).
+    fn finish(self) {
+        match self {
+            Self::Thread(thread) => {
+                if thread.join().is_err() {
+                    tracing::warn!("vm: the vCPU stopper panicked");
+                }
+            }
+            Self::Inline(threads) => stop_vcpus(threads),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs device I/O until the VM stops; returns how it ended.
@@ -346,5 +415,87 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     }
     if !pending.is_empty() {
         tracing::warn!("{} vCPU thread(s) did not stop in time", pending.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A device handler that never runs out of work (its event stays
+    /// readable) and holds the event loop for `batch` each time.
+    struct Busy {
+        evt: EventFd,
+        batch: Duration,
+    }
+
+    impl MutEventSubscriber for Busy {
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            std::thread::sleep(self.batch);
+        }
+
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+    }
+
+    /// A vCPU thread stand-in: blocks (as in KVM_RUN) until a kick or the
+    /// exit, and records when it stopped.
+    fn fake_vcpu(exit: &ExitSignal, stopped: &Arc<Mutex<Vec<Instant>>>) -> JoinHandle<()> {
+        let (exit, stopped) = (exit.clone(), Arc::clone(stopped));
+        std::thread::spawn(move || {
+            while !exit.stopping() {
+                // SAFETY: pause() has no preconditions; it returns when a
+                // signal handler (the kick) ran.
+                unsafe { libc::pause() };
+            }
+            stopped.lock().unwrap().push(Instant::now());
+        })
+    }
+
+    #[test]
+    fn vcpus_stop_at_once_while_a_device_keeps_the_event_loop_busy() {
+        register_signal_handler(SIGRTMIN(), kick_handler).unwrap();
+        let exit = ExitSignal::new().unwrap();
+        let watch = ConsoleWatch::new().unwrap();
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().unwrap();
+        events.add_subscriber(Box::new(Lifecycle {
+            fds: vec![exit.wake().as_raw_fd()],
+            drain: vec![exit_wake(&exit)],
+        }));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        evt.write(1).unwrap();
+        let batch = Duration::from_millis(1500);
+        events.add_subscriber(Box::new(Busy { evt, batch }));
+
+        let stopped = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..2).map(|_| fake_vcpu(&exit, &stopped)).collect();
+        let asker = {
+            let exit = exit.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                let at = Instant::now();
+                exit.exit(VmExit::PowerOff);
+                at
+            })
+        };
+        let outcome = run_until_exit(&mut events, &exit, &watch, threads);
+        let returned = Instant::now();
+        let asked = asker.join().unwrap();
+
+        assert_eq!(outcome, VmExit::PowerOff);
+        let stopped = stopped.lock().unwrap();
+        assert_eq!(stopped.len(), 2);
+        for at in stopped.iter() {
+            let after = at.saturating_duration_since(asked);
+            assert!(
+                after < Duration::from_millis(500),
+                "a vCPU stopped {after:?} after the exit, behind the busy event loop"
+            );
+        }
+        // The loop itself noticed at the end of the batch in progress.
+        assert!(returned.saturating_duration_since(asked) < batch + Duration::from_secs(1));
     }
 }
