@@ -442,7 +442,7 @@ impl IndexedArchive {
                     path.display()
                 )))?;
             let dir = store.root().join("tmp");
-            let mut capped = ScratchWriter::new(&mut out, &dir);
+            let mut capped = ScratchWriter::new(&mut out, &dir, MAX_DECOMPRESSED, SCRATCH_RESERVE);
             match io::copy(&mut dec, &mut capped) {
                 Ok(_) => {}
                 Err(e) => {
@@ -609,22 +609,27 @@ impl IndexedArchive {
 }
 
 /// Writes a decompressed archive to its scratch file, refusing to go past
-/// [`MAX_DECOMPRESSED`] or to leave less than [`SCRATCH_RESERVE`] free on
-/// the file system (checked with statvfs every [`SPACE_CHECK_EVERY`] bytes).
-/// A refusal is an I/O error; its reason is left in `refused`.
+/// `cap` bytes ([`MAX_DECOMPRESSED`]) or to leave less than `reserve`
+/// ([`SCRATCH_RESERVE`]) free on the file system (checked with statvfs every
+/// [`SPACE_CHECK_EVERY`] bytes). A refusal is an I/O error; its reason is
+/// left in `refused`.
 struct ScratchWriter<'a, W> {
     out: W,
     dir: &'a Path,
+    cap: u64,
+    reserve: u64,
     written: u64,
     next_check: u64,
     refused: Option<String>,
 }
 
 impl<'a, W: Write> ScratchWriter<'a, W> {
-    fn new(out: W, dir: &'a Path) -> Self {
+    fn new(out: W, dir: &'a Path, cap: u64, reserve: u64) -> Self {
         ScratchWriter {
             out,
             dir,
+            cap,
+            reserve,
             written: 0,
             next_check: 0,
             refused: None,
@@ -640,15 +645,16 @@ impl<'a, W: Write> ScratchWriter<'a, W> {
 impl<W: Write> Write for ScratchWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let after = self.written.saturating_add(buf.len() as u64);
-        if after > MAX_DECOMPRESSED {
+        if after > self.cap {
             return Err(self.refuse(format!(
-                "it decompresses to more than {MAX_DECOMPRESSED} bytes; refused (load an \
-                 uncompressed archive instead)"
+                "it decompresses to more than {} bytes; refused (load an uncompressed \
+                 archive instead)",
+                self.cap
             )));
         }
         if after >= self.next_check {
             let free = free_bytes(self.dir)?;
-            if free < SCRATCH_RESERVE.saturating_add(SPACE_CHECK_EVERY) {
+            if free < self.reserve.saturating_add(SPACE_CHECK_EVERY) {
                 return Err(self.refuse(format!(
                     "decompressing it would fill the disk: {} has {free} bytes free after \
                      {} bytes written; free some space, or load an uncompressed archive",
@@ -1262,6 +1268,53 @@ pub(crate) mod tests {
             store.import_rootfs(&plain, "Bad Name"),
             Err(StoreError::Reference(_))
         ));
+    }
+
+    #[test]
+    fn scratch_space_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let mut w = ScratchWriter::new(&mut out, dir.path(), 1000, 0);
+        let err = io::copy(&mut io::repeat(0).take(2000), &mut w).unwrap_err();
+        assert_eq!(err.to_string(), "refused");
+        let why = w.refused.take().unwrap();
+        assert!(why.contains("more than 1000 bytes"), "{why}");
+        // No file system has this much free: the statvfs check refuses.
+        let mut w = ScratchWriter::new(Vec::new(), dir.path(), u64::MAX, u64::MAX / 2);
+        assert!(w.write_all(b"x").is_err());
+        let why = w.refused.take().unwrap();
+        assert!(
+            why.contains("fill the disk") && why.contains("free"),
+            "{why}"
+        );
+        let mut w = ScratchWriter::new(Vec::new(), dir.path(), u64::MAX, 0);
+        w.write_all(&[1; 100]).unwrap();
+        assert_eq!(w.out.len(), 100);
+    }
+
+    #[test]
+    fn outer_archive_with_huge_long_name_is_refused() {
+        let (dir, store) = setup();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(1 << 30);
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[b'a'; 4096]);
+        let path = dir.path().join("outer.tar.gz");
+        std::fs::write(&path, gzip(&bytes)).unwrap();
+        let err = store.load_archive(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Archive { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("GNU long name of 1073741824 bytes"),
+            "{err}"
+        );
+        assert!(std::fs::read_dir(store.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 
     #[test]
