@@ -188,3 +188,38 @@ fn a_kernel_too_big_for_memory_is_refused() {
     assert!(err.contains("too small"), "{err}");
     assert!(err.contains("--memory"), "{err}");
 }
+
+#[test]
+fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
+    let kernel = kernel_file("spin", &[print(b"up\n"), SPIN.to_vec()].concat());
+    let signal = vmm::ExitSignal::new().unwrap();
+    let config = VmConfig {
+        boot: BootSource {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: "x".into(),
+        },
+        memory_mib: 32,
+        cpus: 2,
+        kvm_path: "/dev/kvm".into(),
+        guest_needs: GuestNeeds::AnyKvm,
+        console_out: Box::new(std::io::sink()),
+        console_in: None,
+        disks: Vec::new(),
+        control: None,
+        entropy: true,
+        exit_signal: Some(signal.clone()),
+    };
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let at = Instant::now();
+        signal.exit(VmExit::Error("stopped by the host".into()));
+        at
+    });
+    let exit = vmm::run(config).expect("the VM should start");
+    let returned = Instant::now();
+    let asked = stopper.join().unwrap();
+    std::fs::remove_file(kernel).unwrap();
+    assert_eq!(exit, VmExit::Error("stopped by the host".into()));
+    assert!(returned.saturating_duration_since(asked) < Duration::from_secs(1));
+}
