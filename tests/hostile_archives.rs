@@ -142,7 +142,10 @@ fn gigabyte_gnu_long_name_in_a_layer_is_refused_with_bounded_memory() {
     );
     let rss: u64 = stderr
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })
         .expect("time -v reports the peak RSS")
         .trim()
         .parse()
