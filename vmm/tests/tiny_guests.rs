@@ -213,7 +213,8 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
     };
     let stopper = std::thread::spawn(move || {
         // Once the guest runs (it printed), as `hull stop` would find it.
-        while !out.0.lock().unwrap().ends_with(b"up\n") {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while !out.0.lock().unwrap().ends_with(b"up\n") && Instant::now() < give_up {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(100));
