@@ -163,6 +163,10 @@ pub struct RunArgs {
     /// Pull without TLS (plain HTTP) if the image must be pulled.
     #[arg(long)]
     pub insecure: bool,
+    /// A log option, as docker's json-file driver: max-size=SIZE (default 10m),
+    /// max-file=N (default 2).
+    #[arg(long = "log-opt", value_name = "KEY=VALUE")]
+    pub log_opt: Vec<String>,
     /// The guest kernel (default: the cached `hull kernel build`).
     #[arg(long, env = "HULL_KERNEL", hide = true)]
     pub kernel: Option<PathBuf>,

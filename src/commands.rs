@@ -214,61 +214,73 @@ fn ps(args: &PsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints the log lines in `text` to stdout/stderr by stream.
-fn print_log_lines(text: &str) {
-    use std::io::Write;
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
+/// Prints log records (docker json-file lines) to stdout or stderr by stream.
+#[derive(Debug)]
+struct LogPrinter {
+    stdout: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl LogPrinter {
+    fn new() -> Self {
+        Self {
+            stdout: std::io::BufWriter::with_capacity(64 << 10, std::io::stdout()),
+        }
+    }
+
+    fn record(&mut self, line: &[u8]) {
+        use std::io::Write;
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
         };
         let log = v.get("log").and_then(|l| l.as_str()).unwrap_or_default();
         if v.get("stream").and_then(|s| s.as_str()) == Some("stderr") {
+            // In order with what went to stdout before it.
+            let _ = self.stdout.flush();
             let _ = std::io::stderr().write_all(log.as_bytes());
         } else {
-            let _ = std::io::stdout().write_all(log.as_bytes());
+            let _ = self.stdout.write_all(log.as_bytes());
         }
     }
-    let _ = std::io::stdout().flush();
+
+    fn flush(&mut self) {
+        use std::io::Write;
+        let _ = self.stdout.flush();
+    }
 }
 
 fn logs(args: &LogsArgs) -> Result<ExitCode> {
-    use std::io::{Read, Seek};
     let store = store()?;
     let container = Containers::new(store.root()).find(&args.container)?;
     let path = container.path(crate::container::files::LOG);
-    let mut file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !args.follow => {
-            return Ok(ExitCode::SUCCESS)
+    // The rotated files, oldest first, then the current one.
+    let mut reader = crate::logfile::LogReader::open(&path, container.config.log.max_file)?;
+    let mut printer = LogPrinter::new();
+    match args.tail {
+        None => reader.read_available(&mut |r| printer.record(r))?,
+        Some(n) => {
+            let mut last = std::collections::VecDeque::with_capacity(n.min(4096));
+            reader.read_available(&mut |r| {
+                if n > 0 {
+                    if last.len() == n {
+                        last.pop_front();
+                    }
+                    last.push_back(r.to_vec());
+                }
+            })?;
+            for r in &last {
+                printer.record(r);
+            }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
-            std::fs::File::open(&path)?
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mut text = String::new();
-    file.read_to_string(&mut text)?;
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    let mut pos = complete as u64;
-    let lines: Vec<&str> = text[..complete].lines().collect();
-    let skip = args.tail.map_or(0, |n| lines.len().saturating_sub(n));
-    print_log_lines(&lines[skip..].join("\n"));
+    }
+    printer.flush();
     if !args.follow {
         return Ok(ExitCode::SUCCESS);
     }
     loop {
         let running = container.state()?.status == Status::Running;
-        file.seek(std::io::SeekFrom::Start(pos))?;
-        let mut more = String::new();
-        file.read_to_string(&mut more)?;
-        if let Some(end) = more.rfind('\n') {
-            print_log_lines(&more[..=end]);
-            pos += end as u64 + 1;
-        }
+        // Across a rotation too: the file being read is renamed under it.
+        reader.read_available(&mut |r| printer.record(r))?;
+        printer.flush();
         if !running {
             return Ok(ExitCode::SUCCESS);
         }
@@ -398,6 +410,13 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
                 "Cpus": c.config.cpus,
                 "AutoRemove": c.config.auto_remove,
                 "Kernel": c.config.kernel,
+                "LogConfig": {
+                    "Type": "json-file",
+                    "Config": {
+                        "max-size": c.config.log.max_size.to_string(),
+                        "max-file": c.config.log.max_file.to_string(),
+                    },
+                },
             },
             "Mounts": [
                 { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH) }

@@ -92,6 +92,9 @@ pub struct ContainerConfig {
     pub kernel: PathBuf,
     /// Remove the container when it exits.
     pub auto_remove: bool,
+    /// How its log rotates (`--log-opt`); records from before it have the defaults.
+    #[serde(default)]
+    pub log: crate::logfile::LogOptions,
 }
 
 /// Where a container stands.
@@ -157,7 +160,7 @@ pub mod files {
     pub const MONITOR_LOCK: &str = "monitor.lock";
     /// Taken to change the state.
     pub const STATE_LOCK: &str = "state.lock";
-    /// The container's output.
+    /// The container's output (rotated to `container.log.1`, `.2`...).
     pub const LOG: &str = "container.log";
     /// The guest kernel's console.
     pub const CONSOLE: &str = "console.log";
@@ -457,6 +460,7 @@ mod tests {
                 stdin: false,
                 rootfs: RootfsSpec {
                     image_disk: "a".into(),
+                    chain: Vec::new(),
                     scratch_disk: "b".into(),
                     build: None,
                 },
@@ -465,6 +469,7 @@ mod tests {
             cpus: 1,
             kernel: "/k".into(),
             auto_remove: false,
+            log: crate::logfile::LogOptions::default(),
         }
     }
 
@@ -506,6 +511,14 @@ mod tests {
         // flock locks are per open file description: a second open in this
         // process conflicts like another process would.
         assert_eq!(c.state().unwrap().status, Status::Running);
+    }
+
+    #[test]
+    fn a_record_from_before_log_options_loads_with_the_defaults() {
+        let mut record = serde_json::to_value(config("0123456789", "old")).unwrap();
+        record.as_object_mut().unwrap().remove("log").unwrap();
+        let old: ContainerConfig = serde_json::from_value(record).unwrap();
+        assert_eq!(old.log, crate::logfile::LogOptions::default());
     }
 
     #[test]

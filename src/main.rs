@@ -9,7 +9,9 @@ mod commands;
 mod container;
 mod disks;
 mod guest;
+mod imagedisk;
 mod initramfs;
+mod logfile;
 mod monitor;
 mod run;
 mod session;
@@ -23,7 +25,9 @@ const EXIT_HULL_ERROR: u8 = 125;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(cli.debug);
+    let monitor = matches!(cli.command, cli::Command::Monitor(_));
+    // With --debug a monitor's stderr is the terminal of `hull run --debug`.
+    init_logging(cli.debug, monitor && !cli.debug);
     match commands::dispatch(cli.command, cli.debug) {
         Ok(code) => code,
         Err(e) => {
@@ -49,13 +53,26 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
-fn init_logging(debug: bool) {
+/// Sets up hull's messages on stderr. `capped` for a monitor, whose stderr
+/// is its container's `monitor.log` and whose guest can provoke warnings at
+/// will: what goes past a cap is dropped (a file size limit would kill the
+/// monitor with SIGXFSZ instead).
+fn init_logging(debug: bool, capped: bool) {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let default = if debug { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let writer = if capped {
+        BoxMakeWriter::new(std::sync::Mutex::new(logfile::CappedWriter::new(
+            std::io::stderr(),
+            logfile::MONITOR_LOG_CAP,
+        )))
+    } else {
+        BoxMakeWriter::new(std::io::stderr)
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .init();
 }

@@ -130,15 +130,13 @@ struct Monitor {
     spec: Option<Vec<u8>>,
     ready: bool,
     wait_attach_until: Option<Instant>,
-    log: std::fs::File,
+    log: crate::logfile::RotatingLog,
     outcome: Option<MainOutcome>,
     next_exec: u32,
     exec_owner: HashMap<u32, usize>,
     stop_deadline: Option<Instant>,
     force_deadline: Option<Instant>,
     exit_signal: vmm::ExitSignal,
-    /// The image disk this VM is building, until the guest says it is built.
-    image_disk: Option<crate::run::ImageDisk>,
     /// The main process runs (the init reported its exec).
     main_running: bool,
     /// Frames for processes that do not run yet (exec requests and every
@@ -220,18 +218,10 @@ impl Monitor {
                 } else {
                     "stderr"
                 };
-                let _ = self.log.write_all(&log_line(stream, data));
+                let _ = self.log.write_record(&log_line(stream, data));
                 self.broadcast_main(&frame);
             }
             Frame::Note(_, ref text) => {
-                if text == "root ready" {
-                    // The guest built the image's root and remounted it read-only:
-                    // keep it now, so other containers of the image need not wait
-                    // for this one to end.
-                    if let Some(disk) = self.image_disk.take() {
-                        crate::run::finish_image_disk(&disk, true);
-                    }
-                }
                 if text.starts_with("exec /") && !self.main_running {
                     // The init's note for the main process: execs can go now.
                     self.main_running = true;
@@ -249,7 +239,7 @@ impl Monitor {
             Frame::Failed { code, ref message } => {
                 let _ = self
                     .log
-                    .write_all(&log_line("stderr", format!("{message}\n").as_bytes()));
+                    .write_record(&log_line("stderr", format!("{message}\n").as_bytes()));
                 self.outcome
                     .get_or_insert(MainOutcome::Failed(code, message.clone()));
                 self.broadcast_main(&frame);
@@ -627,10 +617,7 @@ fn run_locked(
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
     listener.set_nonblocking(true)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(container.path(files::LOG))?;
+    let log = crate::logfile::RotatingLog::open(&container.path(files::LOG), container.config.log)?;
 
     container.update_state(|s| {
         s.status = Status::Running;
@@ -640,7 +627,6 @@ fn run_locked(
     let crate::run::PreparedVm {
         vm_config,
         spec_json,
-        image_disk,
         host_end,
         exit_signal,
     } = prepared;
@@ -664,7 +650,6 @@ fn run_locked(
         stop_deadline: None,
         force_deadline: None,
         exit_signal: exit_signal.clone(),
-        image_disk: Some(image_disk),
         main_running: false,
         held: Vec::new(),
         held_bytes: 0,
@@ -676,9 +661,6 @@ fn run_locked(
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     let vm_exit = vm.join().map_err(|_| "the VMM thread panicked")?;
-    if let Some(disk) = monitor.image_disk.take() {
-        crate::run::finish_image_disk(&disk, false);
-    }
 
     let (code, error) = match (&monitor.outcome, &vm_exit) {
         (Some(MainOutcome::Exited(code)), _) => (*code, None),

@@ -8,19 +8,15 @@
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use guest_init::spec::{
-    Compression as GuestCompression, LayerSpec, RootfsSpec, RunSpec, IMAGE_DISK_SERIAL,
-    LAYERS_DISK_SERIAL, SCRATCH_DISK_SERIAL,
-};
-use images::{Compression, Image, PullOptions, Store};
+use guest_init::spec::{RootfsSpec, RunSpec, IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL};
+use images::{Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
 use crate::container::{self, files, generated_name, Container, ContainerConfig, Containers};
-use crate::disks;
-use crate::guest;
+use crate::{disks, guest, imagedisk};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -29,7 +25,8 @@ pub const EXIT_RUNTIME_ERROR: i32 = 125;
 
 /// Guest command line for containers: the console goes to a log, not the
 /// user's terminal, so the kernel stays quiet.
-const CONTAINER_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check";
+pub(crate) const CONTAINER_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check";
 
 /// A user error in the flags, reported as one line.
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +37,21 @@ fn usage(msg: impl Into<String>) -> Box<dyn std::error::Error> {
     Box::new(UsageError(msg.into()))
 }
 
-/// Parses docker's memory notation: a number with an optional b/k/m/g suffix
-/// (bytes when bare); returns MiB, rounded up.
+/// Why [`parse_size`] refused a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a number with an optional b/k/m/g suffix.
+    Invalid,
+    /// More bytes than a u64 holds.
+    TooLarge,
+}
+
+/// Parses docker's size notation: a number with an optional b/k/m/g suffix
+/// (binary units, also as kb/kib; bytes when bare); returns bytes.
 ///
 /// # Errors
-/// Not a size, or below 64 MiB.
-pub fn parse_memory(text: &str) -> Result<u64> {
+/// Not a size, or too large.
+pub fn parse_size(text: &str) -> std::result::Result<u64, SizeError> {
     let t = text.trim().to_ascii_lowercase();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
@@ -56,18 +62,21 @@ pub fn parse_memory(text: &str) -> Result<u64> {
         "k" => 10,
         "m" => 20,
         "g" => 30,
-        _ => {
-            return Err(usage(format!(
-                "invalid --memory {text:?}: use e.g. 512m or 2g"
-            )))
-        }
+        _ => return Err(SizeError::Invalid),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| usage(format!("invalid --memory {text:?}: use e.g. 512m or 2g")))?;
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| usage(format!("--memory {text:?} is too large")))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::Invalid)?;
+    n.checked_mul(1 << shift).ok_or(SizeError::TooLarge)
+}
+
+/// Parses docker's memory notation ([`parse_size`]); returns MiB, rounded up.
+///
+/// # Errors
+/// Not a size, or below 64 MiB.
+pub fn parse_memory(text: &str) -> Result<u64> {
+    let bytes = parse_size(text).map_err(|e| match e {
+        SizeError::Invalid => usage(format!("invalid --memory {text:?}: use e.g. 512m or 2g")),
+        SizeError::TooLarge => usage(format!("--memory {text:?} is too large")),
+    })?;
     let mib = bytes.div_ceil(1 << 20);
     if mib < 64 {
         return Err(usage(format!(
@@ -181,14 +190,6 @@ fn resolve_image(store: &Store, reference: &str, insecure: bool) -> Result<Image
     Ok(store.pull(reference, &PullOptions { insecure, progress })?)
 }
 
-fn guest_compression(c: Compression) -> GuestCompression {
-    match c {
-        Compression::None => GuestCompression::None,
-        Compression::Gzip => GuestCompression::Gzip,
-        Compression::Zstd => GuestCompression::Zstd,
-    }
-}
-
 /// Signals forwarded to the container while it runs.
 const FORWARDED_SIGNALS: [libc::c_int; 6] = [
     libc::SIGINT,
@@ -224,49 +225,16 @@ pub fn forwarded_signals_fd(extra: &[libc::c_int]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// What a run of the image disk build needs to finish or undo.
-pub struct ImageDisk {
-    path: PathBuf,
-    building: Option<(PathBuf, container::Lock)>,
-}
-
-/// The image's root disk: the finished one if it exists; otherwise a fresh,
-/// empty one to be filled by the guest (under a lock, so that concurrent
-/// first runs of one image build it once).
-fn image_disk(store: &Store, image: &Image) -> Result<ImageDisk> {
-    let dir = store.image_dir(&image.id);
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("rootfs.ext4");
-    if path.is_file() {
-        return Ok(ImageDisk {
-            path,
-            building: None,
-        });
-    }
-    let lock = container::Lock::exclusive(&dir.join("rootfs.lock"))?;
-    if path.is_file() {
-        return Ok(ImageDisk {
-            path,
-            building: None,
-        });
-    }
-    let tmp = dir.join(format!("rootfs.ext4.building-{}", std::process::id()));
-    let layers: u64 = image.layers.iter().map(|l| l.size).sum();
-    disks::make_ext4(&tmp, disks::image_disk_size(layers), "hull-image")?;
-    Ok(ImageDisk {
-        path,
-        building: Some((tmp, lock)),
-    })
-}
-
-/// Records a new container for `args`: image resolved (pulled if need be),
+/// Records a new container for `args`: image resolved (pulled if need be)
+/// and its root file system built (once per image, in a VM of its own),
 /// command, environment, user and working directory by docker's rules.
 ///
 /// # Errors
-/// Bad flags, no such image, a name in use.
-pub fn create(args: &RunArgs, store: &Store) -> Result<Container> {
+/// Bad flags, no such image, a failed image build, a name in use.
+pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let memory_mib = parse_memory(&args.memory)?;
     let cpus = parse_cpus(&args.cpus)?;
+    let log = crate::logfile::LogOptions::parse(&args.log_opt)?;
     let mut env_files = Vec::new();
     for f in &args.env_file {
         env_files.extend(read_env_file(f)?);
@@ -275,6 +243,7 @@ pub fn create(args: &RunArgs, store: &Store) -> Result<Container> {
     let config = image.config.config().clone().unwrap_or_default();
     let argv = command_line(&image, args.entrypoint.as_deref(), &args.command)?;
     let kernel = guest::kernel(args.kernel.as_deref())?;
+    imagedisk::ensure(store, &image, &kernel, debug)?;
 
     let id = new_id()?;
     let hostname = args
@@ -311,6 +280,7 @@ pub fn create(args: &RunArgs, store: &Store) -> Result<Container> {
         rootfs: RootfsSpec {
             image_disk: IMAGE_DISK_SERIAL.into(),
             scratch_disk: SCRATCH_DISK_SERIAL.into(),
+            chain: imagedisk::chain(&image),
             build: None,
         },
     };
@@ -325,6 +295,7 @@ pub fn create(args: &RunArgs, store: &Store) -> Result<Container> {
         cpus,
         kernel,
         auto_remove: args.rm,
+        log,
     })?)
 }
 
@@ -405,7 +376,7 @@ pub fn start_monitor(
 pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
     let started = Instant::now();
     let store = Store::open(None)?;
-    let container = create(args, &store)?;
+    let container = create(args, &store, debug)?;
     let result = start_monitor(&store, &container, !args.detach, debug);
     if let Err(e) = result {
         let _ = Containers::new(store.root()).remove(&container);
@@ -456,40 +427,15 @@ pub struct PreparedVm {
     pub vm_config: vmm::VmConfig,
     /// The run spec for the init.
     pub spec_json: Vec<u8>,
-    /// The image disk (to finish once the guest built it).
-    pub image_disk: ImageDisk,
     /// The host end of the control stream.
     pub host_end: UnixStream,
     /// Stops the VM from the host.
     pub exit_signal: vmm::ExitSignal,
 }
 
-impl Drop for ImageDisk {
-    /// A disk still being built when it is dropped was not finished (an
-    /// error path): it must not be left behind half-built.
-    fn drop(&mut self) {
-        if let Some((tmp, _lock)) = &self.building {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
-/// Keeps a freshly built image disk (when the guest reported its root
-/// ready) or throws the partial one away.
-pub fn finish_image_disk(disk: &ImageDisk, built: bool) {
-    if let Some((tmp, _lock)) = &disk.building {
-        if built {
-            if let Err(e) = std::fs::rename(tmp, &disk.path) {
-                tracing::warn!("cannot keep the image disk {}: {e}", disk.path.display());
-            }
-        } else {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
-/// Prepares `container`'s VM: kernel, initramfs, image disk (built by the
-/// guest on the image's first run), scratch disk, console log.
+/// Prepares `container`'s VM: kernel, initramfs, the image disk (read-only;
+/// built first if it went missing since the container was created), scratch
+/// disk, console log.
 ///
 /// # Errors
 /// A file could not be prepared.
@@ -499,64 +445,31 @@ pub fn prepare_vm(
     container: &Container,
     debug: bool,
 ) -> Result<PreparedVm> {
-    let mut spec = container.config.spec.clone();
     let initrd = guest::initramfs(&guest::init_binary()?, &store.root().join("cache"))?;
-    let image_disk = image_disk(store, image)?;
-    let mut disks_cfg = vec![vmm::DiskConfig {
-        path: image_disk
-            .building
-            .as_ref()
-            .map_or(image_disk.path.clone(), |(tmp, _)| tmp.clone()),
-        read_only: image_disk.building.is_none(),
-        serial: IMAGE_DISK_SERIAL.into(),
-        then: Vec::new(),
-    }];
+    let image_disk = imagedisk::ensure(store, image, &container.config.kernel, debug)?;
     let scratch = container.path(files::SCRATCH);
     disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
-    disks_cfg.push(vmm::DiskConfig {
-        path: scratch,
-        read_only: false,
-        serial: SCRATCH_DISK_SERIAL.into(),
-        then: Vec::new(),
-    });
-    if image_disk.building.is_some() && !image.layers.is_empty() {
-        // Every layer blob, as stored, one after the other on one read-only
-        // disk: no copy, and any number of layers.
-        let paths: Vec<PathBuf> = image
-            .layers
-            .iter()
-            .map(|l| store.blob_path(&l.digest))
-            .collect();
-        let sizes: Vec<u64> = image.layers.iter().map(|l| l.size).collect();
-        let (offsets, _) = devices::virtio::concat_layout(&sizes)
-            .ok_or_else(|| usage("the image's layers are too large"))?;
-        spec.rootfs.build = Some(
-            image
-                .layers
-                .iter()
-                .zip(offsets)
-                .map(|(layer, offset)| LayerSpec {
-                    disk: LAYERS_DISK_SERIAL.into(),
-                    offset,
-                    size: layer.size,
-                    compression: guest_compression(layer.compression),
-                    digest: layer.digest.clone(),
-                })
-                .collect(),
-        );
-        disks_cfg.push(vmm::DiskConfig {
-            path: paths[0].clone(),
+    let disks_cfg = vec![
+        vmm::DiskConfig {
+            path: image_disk,
             read_only: true,
-            serial: LAYERS_DISK_SERIAL.into(),
-            then: paths[1..].to_vec(),
-        });
-    } else if image_disk.building.is_some() {
-        spec.rootfs.build = Some(Vec::new());
-    }
+            serial: IMAGE_DISK_SERIAL.into(),
+            then: Vec::new(),
+        },
+        vmm::DiskConfig {
+            path: scratch,
+            read_only: false,
+            serial: SCRATCH_DISK_SERIAL.into(),
+            then: Vec::new(),
+        },
+    ];
     let console_out: Box<dyn Write + Send> = if debug {
         Box::new(std::io::stderr())
     } else {
-        Box::new(std::fs::File::create(container.path(files::CONSOLE))?)
+        Box::new(crate::logfile::CappedWriter::new(
+            std::fs::File::create(container.path(files::CONSOLE))?,
+            crate::logfile::CONSOLE_CAP,
+        ))
     };
     let (host_end, guest_end) = UnixStream::pair()?;
     let exit_signal = vmm::ExitSignal::new()?;
@@ -579,8 +492,7 @@ pub fn prepare_vm(
     };
     Ok(PreparedVm {
         vm_config,
-        spec_json: serde_json::to_vec(&spec)?,
-        image_disk,
+        spec_json: serde_json::to_vec(&container.config.spec)?,
         host_end,
         exit_signal,
     })

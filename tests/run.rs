@@ -582,29 +582,50 @@ fn total_ms(step: &Step) -> Option<u64> {
 }
 
 #[test]
-fn the_second_run_of_an_image_reuses_its_disk() {
+fn the_image_disk_is_built_once_in_its_own_vm_and_reused() {
     let lab = Lab::new();
     let pulled = lab.publish(&busybox_image(&lab, "reuse"), "reuse");
     let img = &pulled.reference;
-    let disk = format!("{STORE_IN_HOST}/images/{}/rootfs.ext4", pulled.hex());
-    let mut script = r("first", &format!("hull --debug run --rm {img} true"));
-    script += &r("disk", &format!("ls {disk}"));
+    let dir = format!("{STORE_IN_HOST}/images/{}", pulled.hex());
+    // Two first runs at once: one builds, the other waits for it.
+    let mut script = r(
+        "first",
+        &format!(
+            "hull --debug run --rm {img} true 2>/tmp/a.err & a=$!; \
+             hull --debug run --rm {img} true 2>/tmp/b.err; b=$?; wait $a; \
+             echo codes=$?,$b; echo builds=$(cat /tmp/a.err /tmp/b.err | grep -c \"unpacked 1 layers\"); \
+             cat /tmp/a.err >&2"
+        ),
+    );
+    script += &r(
+        "disk",
+        &format!("ls {dir}/ | grep rootfs-; stat -c %a {dir}/rootfs-*.ext4"),
+    );
     script += &r("second", &format!("hull --debug run --rm {img} true"));
     let run = lab.boot(&script);
 
     let first = Step::of(&run, "first");
-    check(&run, first.code == 0, "[first] should exit 0", &first);
     check(
         &run,
-        first.err_text().contains("unpacked 1 layers"),
-        "the first run unpacks the image",
+        first.out_value("codes") == Some("0,0"),
+        "both first runs exit 0",
+        &first,
+    );
+    check(
+        &run,
+        first.out_value("builds") == Some("1"),
+        "exactly one of the two first runs unpacks the image",
         &first,
     );
     let disk_step = Step::of(&run, "disk");
     check(
         &run,
-        disk_step.code == 0 && disk_step.out == [disk.as_str()],
-        "the first run leaves the image disk in the store",
+        disk_step.code == 0
+            && disk_step.out.len() == 2
+            && disk_step.out[0].starts_with("rootfs-")
+            && disk_step.out[0].ends_with(".ext4")
+            && disk_step.out[1] == "444",
+        "the build leaves one read-only image disk, named by its content, in the store",
         &disk_step,
     );
     let second = Step::of(&run, "second");
@@ -616,9 +637,76 @@ fn the_second_run_of_an_image_reuses_its_disk() {
         &second,
     );
     println!(
-        "timing: hull run IMG true in the emulated host: first {:?} ms, second {:?} ms",
+        "timing: hull run IMG true in the emulated host: first (two at once) {:?} ms, later {:?} ms",
         total_ms(&first),
         total_ms(&second)
+    );
+}
+
+/// The first container of an image, as root, makes a node for every block
+/// device it sees and tries to mount it read-write, remount it read-write
+/// and write to it raw, then rewrites the image's /etc/passwd wherever it
+/// could mount it; the next container must still see the original.
+#[test]
+fn no_container_can_rewrite_the_shared_image_disk() {
+    let lab = Lab::new();
+    let pulled = lab.publish(&busybox_image(&lab, "tamper"), "tamper");
+    let img = &pulled.reference;
+    let attack = r#"mkdir -p /tmp /mnt
+for d in /sys/block/*; do
+  n=${d##*/}; mm=$(cat $d/dev); s=$(cat $d/serial 2>/dev/null)
+  [ "$s" = hull-image ] && echo image-disk=$n
+  mknod /tmp/$n b ${mm%%:*} ${mm##*:} || continue
+  blockdev --setrw /tmp/$n
+  mkdir -p /mnt/$n
+  mount -t ext4 -o rw /tmp/$n /mnt/$n || mount -t ext4 -o ro /tmp/$n /mnt/$n || continue
+  mount -o remount,rw /mnt/$n
+  touch /mnt/$n/hull-probe && echo writable-mount=$n
+  [ -f /mnt/$n/rootfs/etc/passwd ] && echo pwned > /mnt/$n/rootfs/etc/passwd && echo rewrote=$n
+  umount /mnt/$n
+  if [ "$s" = hull-image ]; then
+    dd if=/dev/zero of=/tmp/$n bs=4096 count=1 seek=1 conv=notrunc && echo raw-write=$n
+  fi
+done; echo attack-done"#;
+    let mut script = r("attack", &format!("hull run --rm {img} sh -c '{attack}'"));
+    script += &r("after", &format!("hull run --rm {img} head -1 /etc/passwd"));
+    let run = lab.boot(&script);
+
+    let a = Step::of(&run, "attack");
+    check(
+        &run,
+        a.has_out("attack-done"),
+        "the attack ran to its end",
+        &a,
+    );
+    check(
+        &run,
+        a.out.iter().any(|l| l.starts_with("writable-mount=")),
+        "the attack mounts what it may write (its own scratch disk)",
+        &a,
+    );
+    let dev = a.out_value("image-disk").unwrap_or("?").to_string();
+    check(&run, dev != "?", "the container saw the image disk", &a);
+    for bad in ["writable-mount", "rewrote", "raw-write"] {
+        check(
+            &run,
+            !a.has_out(&format!("{bad}={dev}")),
+            &format!("the image disk must refuse: {bad}"),
+            &a,
+        );
+    }
+    check(
+        &run,
+        !a.out.iter().any(|l| l.starts_with("rewrote=")),
+        "no image file rewritten",
+        &a,
+    );
+    let after = Step::of(&run, "after");
+    check(
+        &run,
+        after.code == 0 && after.out == ["root:x:0:0:root:/root:/bin/sh"],
+        "the next container sees the image's own /etc/passwd",
+        &after,
     );
 }
 
@@ -726,7 +814,9 @@ fn hostile_layers_are_refused_or_contained() {
             .collect();
         check(
             &run,
-            !listing.iter().any(|l| l.starts_with("rootfs.ext4")),
+            !listing
+                .iter()
+                .any(|l| l.starts_with("rootfs-") || l.starts_with("rootfs.building")),
             &format!("no image disk is kept for the refused {what} image"),
             &host,
         );

@@ -43,17 +43,46 @@ pub struct ExecSpec {
     pub stdin: bool,
 }
 
-/// The container's root: the image's file system (an ext4 disk, read-only
-/// once built) under an overlay whose upper layer is the container's scratch disk.
+/// The container's root: the image's file system (an ext4 disk, always
+/// read-only for a container) under an overlay whose upper layer is the
+/// container's scratch disk.
+///
+/// With [`build`](Self::build) set, the init runs in *build-only* mode
+/// instead: it unpacks the layers into the (then writable) image disk, writes
+/// the disk's marker, and ends; no workload runs in that VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsSpec {
     /// virtio-blk serial of the image's root file system disk (ext4).
     pub image_disk: String,
-    /// virtio-blk serial of the container's writable disk (ext4, empty at first).
+    /// virtio-blk serial of the container's writable disk (ext4, empty at
+    /// first); unused in build-only mode.
     pub scratch_disk: String,
-    /// Present when the image disk is new and empty: unpack these layers into
-    /// it, in order, then use it.
+    /// The image's layer chain: the uncompressed layers' digests (the config's
+    /// `rootfs.diff_ids`), bottom first. The image disk's marker must be
+    /// exactly [`image_marker`] of it.
+    pub chain: Vec<String>,
+    /// Build-only mode: unpack these layers (one per entry of `chain`), in
+    /// order, into the empty image disk, then end.
     pub build: Option<Vec<LayerSpec>>,
+}
+
+/// Version of the recipe that turns layers into an image disk (the
+/// unpacker's rules and the disk's layout). A change that makes the same
+/// layers unpack differently bumps it, so that disks built by the old recipe
+/// are never used again.
+pub const UNPACK_RECIPE_VERSION: u32 = 2;
+
+/// The content of a finished image disk's marker file: the recipe version
+/// and the layer chain. The host keys the cached disk by its hash and the
+/// guest refuses a disk whose marker differs: one truth for both.
+#[must_use]
+pub fn image_marker(chain: &[String]) -> String {
+    let mut out = format!("hull-image recipe {UNPACK_RECIPE_VERSION}\n");
+    for diff_id in chain {
+        out.push_str(diff_id);
+        out.push('\n');
+    }
+    out
 }
 
 /// One image layer, attached as a read-only raw disk holding the layer blob.
@@ -114,6 +143,7 @@ mod tests {
             rootfs: RootfsSpec {
                 image_disk: IMAGE_DISK_SERIAL.into(),
                 scratch_disk: SCRATCH_DISK_SERIAL.into(),
+                chain: vec!["sha256:11".into()],
                 build: Some(vec![LayerSpec {
                     disk: layer_disk_serial(0),
                     offset: 0,
@@ -127,5 +157,16 @@ mod tests {
         assert!(String::from_utf8_lossy(&json).contains("\"gzip\""));
         assert_eq!(serde_json::from_slice::<RunSpec>(&json).unwrap(), spec);
         assert!(layer_disk_serial(99).len() <= 20);
+    }
+
+    #[test]
+    fn marker_names_recipe_and_every_layer_in_order() {
+        let a = image_marker(&["sha256:aa".into(), "sha256:bb".into()]);
+        assert_eq!(
+            a,
+            format!("hull-image recipe {UNPACK_RECIPE_VERSION}\nsha256:aa\nsha256:bb\n")
+        );
+        assert_ne!(a, image_marker(&["sha256:bb".into(), "sha256:aa".into()]));
+        assert_ne!(a, image_marker(&["sha256:aa".into()]));
     }
 }

@@ -289,6 +289,11 @@ impl Vm {
     }
 }
 
+/// The layer chain the tests' image claims.
+fn chain() -> Vec<String> {
+    vec!["sha256:test-diff-id".into()]
+}
+
 fn spec(args: &[&str], build: Option<Vec<LayerSpec>>) -> RunSpec {
     RunSpec {
         args: args.iter().map(ToString::to_string).collect(),
@@ -301,6 +306,7 @@ fn spec(args: &[&str], build: Option<Vec<LayerSpec>>) -> RunSpec {
         rootfs: RootfsSpec {
             image_disk: IMAGE_DISK_SERIAL.into(),
             scratch_disk: SCRATCH_DISK_SERIAL.into(),
+            chain: chain(),
             build,
         },
     }
@@ -334,7 +340,8 @@ fn the_init_builds_the_image_then_runs_containers_in_a_real_guest() {
     ext4(&image);
     ext4(&scratch);
 
-    // First run: the image disk is built from the layer disk.
+    // The build-only VM: the image disk is built from the layer disk, and
+    // nothing of the image runs (no command, no scratch disk).
     let layers = vec![LayerSpec {
         disk: layer_disk_serial(0),
         offset: 0,
@@ -347,16 +354,11 @@ fn the_init_builds_the_image_then_runs_containers_in_a_real_guest() {
         &kernel,
         &[
             (IMAGE_DISK_SERIAL, &image, false),
-            (SCRATCH_DISK_SERIAL, &scratch, false),
             ("hull-layer-0", &layer0, true),
         ],
     );
-    let script =
-        "echo $GREETING $(hostname) $(cat /etc/hostname) $(id -u) $PWD; echo oops >&2; exit 5";
-    let r = vm.run(&spec(&["sh", "-c", script], Some(layers)), &[]);
-    assert_eq!(r.last, Some(Frame::Exited(5)), "{r:?}");
-    assert_eq!(r.stdout, "hi qemu qemu 0 /work\n");
-    assert_eq!(r.stderr, "oops\n");
+    let r = vm.run(&spec(&[], Some(layers)), &[]);
+    assert_eq!(r.last, Some(Frame::Exited(0)), "{r:?}");
     assert!(
         r.notes.iter().any(|n| n.starts_with("unpacked 1 layers")),
         "{:?}",
@@ -376,6 +378,22 @@ fn the_init_builds_the_image_then_runs_containers_in_a_real_guest() {
         )
         .run(spec, send)
     };
+    let script =
+        "echo $GREETING $(hostname) $(cat /etc/hostname) $(id -u) $PWD; echo oops >&2; exit 5";
+    let r = later(&spec(&["sh", "-c", script], None), &[]);
+    assert_eq!(r.last, Some(Frame::Exited(5)), "{r:?}");
+    assert_eq!(r.stdout, "hi qemu qemu 0 /work\n");
+    assert_eq!(r.stderr, "oops\n");
+
+    // A disk whose marker names other layers is refused.
+    let mut other = spec(&["true"], None);
+    other.rootfs.chain = vec!["sha256:other".into()];
+    let r = later(&other, &[]);
+    assert!(
+        matches!(&r.last, Some(Frame::Failed { code: 125, message }) if message.contains("other layers")),
+        "{r:?}"
+    );
+
     let mut s = spec(&["cat"], None);
     s.stdin = true;
     s.user = "user".into();

@@ -120,15 +120,21 @@ impl Init {
         self.chan = Some(chan);
         let spec: RunSpec =
             serde_json::from_slice(&spec).map_err(|e| runtime("invalid run spec", &e))?;
+        self.note("spec received");
+        if spec.rootfs.build.is_some() {
+            // Build-only mode: this VM fills the image disk and runs nothing
+            // of the image's.
+            let Some(chan) = self.chan.as_ref() else {
+                return Ok(None);
+            };
+            rootfs::build_image_disk(&spec.rootfs, chan)?;
+            self.note("image disk built");
+            return Ok(Some(0));
+        }
         if spec.args.is_empty() {
             return Err(StartError::new(125, "no command given"));
         }
-        self.note("spec received");
-
-        let Some(chan) = self.chan.as_ref() else {
-            return Ok(None);
-        };
-        rootfs::build(&spec.rootfs, chan, &mut self.mounted)?;
+        rootfs::build(&spec.rootfs, &mut self.mounted)?;
         mounts::container(rootfs::NEW_ROOT)?;
         mounts::switch_root(rootfs::NEW_ROOT)?;
         self.switched = true;

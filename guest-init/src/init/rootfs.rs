@@ -3,7 +3,7 @@
 //! and the overlay of the two.
 //!
 //! Layout of the image disk: `rootfs/` (the image's root) and
-//! [`COMPLETE_MARKER`] (written last: the layers' digests, one a line).
+//! [`COMPLETE_MARKER`] (written last: [`image_marker`] of the layer chain).
 
 use std::collections::HashMap;
 use std::fs;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::command::StartError;
 use crate::init::channel::Channel;
-use crate::spec::{Compression, LayerSpec, RootfsSpec};
+use crate::spec::{image_marker, Compression, LayerSpec, RootfsSpec};
 use crate::sys;
 use crate::unpack::Unpacker;
 
@@ -109,43 +109,93 @@ fn mount_ext4(dev: &str, at: &str, flags: libc::c_ulong) -> Result<(), StartErro
         .map_err(|e| runtime(&format!("mount {dev} (ext4) on {at}"), &e))
 }
 
-/// Builds the container's root at [`NEW_ROOT`]: the image disk (unpacked
-/// first when `spec.build` says so), the scratch disk, the overlay.
+/// Builds the container's root at [`NEW_ROOT`]: the image disk, read-only
+/// (refused unless its marker names exactly `spec.chain`), the scratch disk,
+/// the overlay.
 ///
 /// # Errors
-/// A disk is missing, a layer is bad, a mount failed.
-pub fn build(spec: &RootfsSpec, chan: &Channel, mounted: &mut Mounted) -> Result<(), StartError> {
-    let mut wanted = vec![spec.image_disk.as_str(), spec.scratch_disk.as_str()];
-    if let Some(layers) = &spec.build {
-        wanted.extend(layers.iter().map(|l| l.disk.as_str()));
+/// A disk is missing or is not this image's, a mount failed.
+pub fn build(spec: &RootfsSpec, mounted: &mut Mounted) -> Result<(), StartError> {
+    if spec.build.is_some() {
+        return Err(StartError::new(
+            125,
+            "a container's image disk is never built in its own VM",
+        ));
     }
-    let disks = find_disks(&wanted)?;
+    let disks = find_disks(&[spec.image_disk.as_str(), spec.scratch_disk.as_str()])?;
     let dev = |serial: &str| disks.get(serial).cloned().unwrap_or_default();
     for d in [IMAGE_MNT, SCRATCH_MNT, NEW_ROOT] {
         mkdirs(d)?;
     }
-
-    let image = dev(&spec.image_disk);
-    if let Some(layers) = &spec.build {
-        mount_ext4(&image, IMAGE_MNT, libc::MS_NOATIME)?;
-        build_image(layers, &dev, chan)?;
-        let top = open_dir(IMAGE_MNT)?;
-        sys::syncfs(top.as_fd()).map_err(|e| runtime("syncfs of the image disk", &e))?;
-        drop(top);
-        sys::umount(IMAGE_MNT, 0).map_err(|e| runtime("unmount the image disk", &e))?;
-    }
-    mount_ext4(&image, IMAGE_MNT, libc::MS_RDONLY | libc::MS_NOATIME)?;
+    mount_ext4(
+        &dev(&spec.image_disk),
+        IMAGE_MNT,
+        libc::MS_RDONLY | libc::MS_NOATIME | libc::MS_NODEV | libc::MS_NOSUID,
+    )?;
     mounted.image = Some(open_dir(IMAGE_MNT)?);
-    if !Path::new(IMAGE_MNT).join(COMPLETE_MARKER).exists() {
-        return Err(StartError::new(
-            125,
-            "the image disk holds no complete root file system (an earlier build was interrupted?)",
-        ));
-    }
+    check_marker(&spec.chain)?;
 
     mount_ext4(&dev(&spec.scratch_disk), SCRATCH_MNT, libc::MS_NOATIME)?;
     mounted.scratch = Some(open_dir(SCRATCH_MNT)?);
     mount_overlay(IMAGE_ROOT, SCRATCH_MNT, NEW_ROOT)
+}
+
+/// Refuses an image disk whose marker is not exactly the one `chain` gives:
+/// an unfinished disk, or one built from other layers or by another recipe.
+fn check_marker(chain: &[String]) -> Result<(), StartError> {
+    let expected = image_marker(chain);
+    let path = Path::new(IMAGE_MNT).join(COMPLETE_MARKER);
+    let mut found = Vec::new();
+    let read = fs::File::open(&path).and_then(|f| {
+        // One byte more than expected is enough to tell a longer marker.
+        f.take(expected.len() as u64 + 1).read_to_end(&mut found)
+    });
+    match read {
+        Ok(_) if found == expected.as_bytes() => Ok(()),
+        Ok(_) => Err(StartError::new(
+            125,
+            "the image disk was built from other layers than this image's: remove the image and load it again",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StartError::new(
+            125,
+            "the image disk holds no complete root file system (an earlier build was interrupted?)",
+        )),
+        Err(e) => Err(runtime("read the image disk's marker", &e)),
+    }
+}
+
+/// Build-only mode: unpacks `spec.build`'s layers into the empty, writable
+/// image disk, writes its marker last, syncs and unmounts it.
+///
+/// # Errors
+/// A disk is missing, a layer is bad, a mount or a write failed.
+pub fn build_image_disk(spec: &RootfsSpec, chan: &Channel) -> Result<(), StartError> {
+    let layers = spec.build.as_deref().unwrap_or_default();
+    if layers.len() != spec.chain.len() {
+        return Err(StartError::new(
+            125,
+            format!(
+                "the build names {} layers but the image's chain has {}",
+                layers.len(),
+                spec.chain.len()
+            ),
+        ));
+    }
+    let mut wanted = vec![spec.image_disk.as_str()];
+    wanted.extend(layers.iter().map(|l| l.disk.as_str()));
+    let disks = find_disks(&wanted)?;
+    let dev = |serial: &str| disks.get(serial).cloned().unwrap_or_default();
+    mkdirs(IMAGE_MNT)?;
+    mount_ext4(
+        &dev(&spec.image_disk),
+        IMAGE_MNT,
+        libc::MS_NOATIME | libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
+    )?;
+    build_image(layers, &spec.chain, &dev, chan)?;
+    let top = open_dir(IMAGE_MNT)?;
+    sys::syncfs(top.as_fd()).map_err(|e| runtime("syncfs of the image disk", &e))?;
+    drop(top);
+    sys::umount(IMAGE_MNT, 0).map_err(|e| runtime("unmount the image disk", &e))
 }
 
 /// Mounts the overlay of `lower` under `scratch`'s `upper/` (with `work/`)
@@ -166,6 +216,7 @@ pub fn mount_overlay(lower: &str, scratch: &str, target: &str) -> Result<(), Sta
 /// interrupted build starts over), then writes the marker.
 fn build_image(
     layers: &[LayerSpec],
+    chain: &[String],
     dev_of: &dyn Fn(&str) -> String,
     chan: &Channel,
 ) -> Result<(), StartError> {
@@ -177,9 +228,11 @@ fn build_image(
     }
     mkdirs(IMAGE_ROOT)?;
     let totals = unpack_layers(root, layers, dev_of, &|n| chan.note(n))?;
-    let digests: String = layers.iter().map(|l| format!("{}\n", l.digest)).collect();
-    fs::write(Path::new(IMAGE_MNT).join(COMPLETE_MARKER), digests)
-        .map_err(|e| runtime("write the image marker", &e))?;
+    fs::write(
+        Path::new(IMAGE_MNT).join(COMPLETE_MARKER),
+        image_marker(chain),
+    )
+    .map_err(|e| runtime("write the image marker", &e))?;
     chan.note(format!(
         "unpacked {} layers ({} compressed, {} of files, {} entries) in {} ms",
         layers.len(),

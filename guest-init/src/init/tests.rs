@@ -23,6 +23,7 @@ fn spec(args: &[&str]) -> RunSpec {
         rootfs: RootfsSpec {
             image_disk: String::new(),
             scratch_disk: String::new(),
+            chain: Vec::new(),
             build: None,
         },
     }
