@@ -456,7 +456,6 @@ mod tests {
                 cwd: "/".into(),
                 user: String::new(),
                 hostname: "h".into(),
-                tty: false,
                 stdin: false,
                 rootfs: RootfsSpec {
                     image_disk: "a".into(),
@@ -464,6 +463,7 @@ mod tests {
                     scratch_disk: "b".into(),
                     build: None,
                 },
+                ..RunSpec::default()
             },
             memory_mib: 512,
             cpus: 1,

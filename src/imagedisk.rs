@@ -225,7 +225,6 @@ fn build_spec(
         cwd: "/".into(),
         user: String::new(),
         hostname: "hull-build".into(),
-        tty: false,
         stdin: false,
         rootfs: RootfsSpec {
             image_disk: IMAGE_DISK_SERIAL.into(),
@@ -233,6 +232,7 @@ fn build_spec(
             chain,
             build: Some(layers),
         },
+        ..RunSpec::default()
     };
     Ok((spec, disk))
 }

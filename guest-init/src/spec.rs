@@ -4,7 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 /// One container run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Fields added later carry `#[serde(default)]` and a `Default`, so that
+/// literals can leave them out with `..RunSpec::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// The command: the image's entrypoint and cmd as the host resolved them
     /// (docker's rules), never empty.
@@ -50,7 +53,7 @@ pub struct ExecSpec {
 /// With [`build`](Self::build) set, the init runs in *build-only* mode
 /// instead: it unpacks the layers into the (then writable) image disk, writes
 /// the disk's marker, and ends; no workload runs in that VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsSpec {
     /// virtio-blk serial of the image's root file system disk (ext4).
     pub image_disk: String,
@@ -138,7 +141,6 @@ mod tests {
             cwd: "/".into(),
             user: String::new(),
             hostname: "abc".into(),
-            tty: false,
             stdin: true,
             rootfs: RootfsSpec {
                 image_disk: IMAGE_DISK_SERIAL.into(),
@@ -152,6 +154,7 @@ mod tests {
                     digest: "sha256:00".into(),
                 }]),
             },
+            ..RunSpec::default()
         };
         let json = serde_json::to_vec(&spec).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"gzip\""));

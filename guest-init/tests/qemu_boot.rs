@@ -301,7 +301,6 @@ fn spec(args: &[&str], build: Option<Vec<LayerSpec>>) -> RunSpec {
         cwd: "/work".into(),
         user: String::new(),
         hostname: "qemu".into(),
-        tty: false,
         stdin: false,
         rootfs: RootfsSpec {
             image_disk: IMAGE_DISK_SERIAL.into(),
@@ -309,6 +308,7 @@ fn spec(args: &[&str], build: Option<Vec<LayerSpec>>) -> RunSpec {
             chain: chain(),
             build,
         },
+        ..RunSpec::default()
     }
 }
 

@@ -18,7 +18,6 @@ fn spec(args: &[&str]) -> RunSpec {
         cwd: "/".into(),
         user: String::new(),
         hostname: "box".into(),
-        tty: false,
         stdin: false,
         rootfs: RootfsSpec {
             image_disk: String::new(),
@@ -26,6 +25,7 @@ fn spec(args: &[&str]) -> RunSpec {
             chain: Vec::new(),
             build: None,
         },
+        ..RunSpec::default()
     }
 }
 
