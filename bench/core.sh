@@ -1,0 +1,94 @@
+# Core figures: boot, container start, exec, stdout throughput, VMM memory,
+# start at density. Run by `./dev bench core` inside the emulated KVM host.
+
+CMDLINE="console=ttyS0 reboot=k panic=1 quiet no_timer_check"
+K=/opt/hull/bzImage
+I=/tmp/trivial.cpio
+make_trivial_initrd "$I"
+# microvm has no i8042, so the guest resets by triple fault there (reboot=t),
+# which -no-reboot turns into QEMU's exit; hull takes the i8042 reset.
+qemu_microvm() {
+	qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 256 -smp 1 \
+		-nodefaults -no-user-config -display none -serial stdio -no-reboot \
+		-kernel "$1" -initrd "$2" -append "$(echo "$CMDLINE" | sed 's/reboot=k/reboot=t/')"
+}
+
+# Boot to a trivial init and back: hull vs QEMU -M microvm (same bzImage,
+# initrd, command line, 1 vCPU, 256 MiB), interleaved.
+hb= qb= hv=
+for i in $(seq "$RUNS"); do
+	hb="$hb $(elapsed hull boot --kernel "$K" --initrd "$I" --cmdline "$CMDLINE" --memory 256)"
+	[ "$(last_rc)" = 0 ] || echo "hull boot failed ($(last_rc))"
+	qb="$qb $(elapsed qemu_microvm "$K" "$I")"
+	[ "$(last_rc)" = 0 ] || echo "qemu microvm failed ($(last_rc))"
+	hv="$hv $(elapsed hull boot --kernel /opt/hull/vmlinux --initrd "$I" --cmdline "$CMDLINE" --memory 256)"
+done
+echo "boot samples: hull(bzImage)$hb; qemu$qb; hull(vmlinux)$hv"
+boot=$(median $hv)
+row "boot to init and back (bzImage)" "$(median $hb)" "$(median $qb)" "hull boot vs QEMU -M microvm, same kernel/initrd/cmdline, 1 vCPU, 256 MiB" s
+row "boot to init and back (hull: vmlinux)" "$boot" "$(median $qb)" "as above; hull loads the ELF vmlinux (QEMU cannot without PVH)" s
+
+# A cached image's container vs the boot it costs.
+hull run --rm busybox true >/dev/null 2>&1 # builds the built-in image and its disk
+rt=
+for i in $(seq "$RUNS"); do rt="$rt $(elapsed hull run --rm busybox true)"; done
+echo "run samples:$rt"
+row "hull run --rm (cached image) true" "$(median $rt)" "$boot" "peer: hull boot of a trivial init (vmlinux); target <= 1.2x" s
+
+# First run of a new image (its disk built in a build-only VM) vs a cached one.
+mkdir -p /tmp/img/bin
+cp /bin/busybox /tmp/img/bin/ && ln -s busybox /tmp/img/bin/true && ln -s busybox /tmp/img/bin/sh
+fr=
+for i in $(seq "$RUNS"); do
+	echo "$i" >/tmp/img/iteration
+	tar -C /tmp/img -cf /tmp/img.tar .
+	hull import /tmp/img.tar "bench-first-$i" >/dev/null 2>&1
+	fr="$fr $(elapsed hull run --rm "bench-first-$i" /bin/true)"
+done
+echo "first-run samples:$fr"
+row "first run of a new image (1 layer, 2 MB)" "$(median $fr)" "$(median $rt)" "peer: a later run of a cached image" s
+
+# exec into a running container vs fork+exec timed inside the guest.
+hull run -d --name bench-exec busybox sleep 600 >/dev/null
+sleep 1
+et=
+for i in $(seq "$RUNS"); do et="$et $(elapsed hull exec bench-exec true)"; done
+inside=$(hull exec bench-exec sh -c 'a=$(cut -d" " -f1 /proc/uptime); for i in $(seq 100); do /bin/true; done; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%.4f\", (b - a) / 100 }"')
+echo "exec samples:$et; in-guest fork+exec: $inside s"
+row "hull exec C true" "$(median $et)" "$inside" "peer: one fork+exec of /bin/true timed inside the guest (100 runs)" s
+
+# VMM memory beyond the guest's RAM: hull's monitor process (VMM thread
+# included) with a 256 MiB guest idling, vs QEMU -M microvm idling.
+hull run -d -m 256m --name bench-rss busybox sleep 600 >/dev/null
+sleep 3
+hpid=$(hull inspect bench-rss | sed -n 's/.*"Pid": *\([0-9]*\).*/\1/p' | head -1)
+hrss=$(rss_beyond_guest "$hpid" 200)
+d=$(mktemp -d)
+mkdir -p "$d/bin" && cp /bin/busybox "$d/bin/" && printf '#!/bin/busybox sh\n/bin/busybox sleep 600\n' >"$d/init" && chmod +x "$d/init"
+(cd "$d" && find . | cpio -o -H newc 2>/dev/null) >/tmp/sleep.cpio
+qemu_microvm "$K" /tmp/sleep.cpio >/dev/null 2>&1 &
+sleep 8
+qpid=$(pidof qemu-system-x86_64 | cut -d' ' -f1)
+qrss=$(rss_beyond_guest "$qpid" 200)
+kill "$qpid" 2>/dev/null
+echo "rss: hull monitor pid $hpid: $hrss KiB; qemu pid $qpid: $qrss KiB"
+row "VMM resident memory beyond guest RAM" "$(awk -v k="$hrss" 'BEGIN { printf "%.1f", k / 1024 }')" "$(awk -v k="$qrss" 'BEGIN { printf "%.1f", k / 1024 }')" "RSS outside the guest RAM mapping, idle 256 MiB guest; peer QEMU -M microvm" MiB
+hull rm -f bench-exec bench-rss >/dev/null 2>&1
+
+# stdout throughput: hull run's stdout vs a pipe inside the same guest.
+MB=4
+tt=$(elapsed sh -c "hull run --rm busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")
+fixed=$(median $rt)
+pipe=$(hull run --rm busybox sh -c 'a=$(cut -d" " -f1 /proc/uptime); head -c 64000000 /dev/zero | wc -c >/dev/null; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%.2f\", 64 / (b - a) }"')
+hs=$(awk -v t="$tt" -v f="$fixed" -v mb="$MB" 'BEGIN { d = t - f; if (d <= 0.01) d = 0.01; printf "%.2f", mb / d }')
+echo "stdout: $MB MB in $tt s (fixed cost $fixed s); guest pipe $pipe MB/s"
+row "container stdout throughput" "$hs" "$pipe" "$MB MB through hull run's stdout minus the run's fixed cost; peer: 64 MB through a pipe inside the guest" MB/s
+
+# 8 containers at once vs one.
+t0=$(now)
+for i in 1 2 3 4 5 6 7 8; do (hull run --rm busybox true >/dev/null 2>&1; echo $? >"/tmp/par.$i") & done
+wait
+t1=$(now)
+ok=$(cat /tmp/par.* | grep -c '^0$')
+par=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+row "8 containers at once ($ok/8 exit 0)" "$par" "$(median $rt)" "total wall time of 8 parallel hull run --rm true; peer: one" s
