@@ -75,6 +75,7 @@ mod block;
 mod chain;
 mod console;
 mod mmio;
+pub mod net;
 mod rng;
 
 use std::io;
