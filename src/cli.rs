@@ -16,6 +16,8 @@ pub struct Cli {
 }
 
 /// hull's verbs.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a command in a new container, in its own microVM.
@@ -36,6 +38,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Show containers' details as JSON.
     Inspect(ContainersArg),
+    /// List a container's published ports (or where one of its ports is published).
+    Port(PortArgs),
     /// Manage containers.
     #[command(subcommand)]
     Container(ContainerCommand),
@@ -167,6 +171,26 @@ pub struct RunArgs {
     /// max-file=N (default 2).
     #[arg(long = "log-opt", value_name = "KEY=VALUE")]
     pub log_opt: Vec<String>,
+    /// Publish a container port on the host: [IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]
+    /// (ranges as 8000-8010:80-90; no HOSTPORT: a free one).
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CTR")]
+    pub publish: Vec<String>,
+    /// Publish every port the image exposes on free host ports.
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// The container's network: passt (default: user-mode, no root needed),
+    /// none (loopback only) or tap:NAME (an existing TAP interface).
+    #[arg(long, alias = "net", value_name = "NETWORK")]
+    pub network: Option<String>,
+    /// A DNS server for the container (replaces the default resolver).
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<String>,
+    /// A DNS search domain for the container.
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
+    /// Add a line to the container's /etc/hosts (IP may be host-gateway).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
     /// The guest kernel (default: the cached `hull kernel build`).
     #[arg(long, env = "HULL_KERNEL", hide = true)]
     pub kernel: Option<PathBuf>,
@@ -255,6 +279,15 @@ pub struct ContainersArg {
     /// Containers.
     #[arg(required = true)]
     pub containers: Vec<String>,
+}
+
+/// `hull port`.
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    /// The container.
+    pub container: String,
+    /// Only this container port (`80` or `80/tcp`, `53/udp`).
+    pub port: Option<String>,
 }
 
 /// `hull exec`.

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
+use crate::cli::PortArgs;
 use crate::cli::{
     BootArgs, Command, ContainerCommand, ContainersArg, ExecArgs, ImageCommand, ImagesArgs,
     ImportArgs, KernelBuildArgs, KernelCommand, KillArgs, LoadArgs, LoginArgs, LogsArgs, PsArgs,
@@ -28,6 +29,7 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Wait(args) => wait(&args),
         Command::Rm(args) => rm(&args),
         Command::Inspect(args) => inspect(&args),
+        Command::Port(args) => port(&args),
         Command::Container(ContainerCommand::Prune) => container_prune(),
         Command::Monitor(args) => {
             crate::monitor::run(&args.id, args.wait_attach, debug)?;
@@ -66,6 +68,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         disks: Vec::new(),
         control: None,
         entropy: false,
+        net: None,
         exit_signal: None,
     };
     let exit = vmm::run(config)?;
@@ -174,8 +177,8 @@ fn ps(args: &PsArgs) -> Result<ExitCode> {
     let list = Containers::new(store.root()).list()?;
     if !args.quiet {
         println!(
-            "{:<14} {:<24} {:<24} {:<16} {:<24} NAMES",
-            "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+            "{:<14} {:<24} {:<24} {:<16} {:<24} {:<24} NAMES",
+            "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
         );
     }
     for c in list {
@@ -202,12 +205,13 @@ fn ps(args: &PsArgs) -> Result<ExitCode> {
             command.push_str("…\"");
         }
         println!(
-            "{:<14} {:<24} {:<24} {:<16} {:<24} {}",
+            "{:<14} {:<24} {:<24} {:<16} {:<24} {:<24} {}",
             c.short_id(),
             c.config.image,
             command,
             ago(c.config.created),
             status,
+            ps_ports(&c, state.status),
             c.config.name
         );
     }
@@ -377,6 +381,84 @@ fn container_prune() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The PORTS column of `ps`: a running container's published ports.
+fn ps_ports(c: &Container, status: Status) -> String {
+    match (&c.config.network, status) {
+        (Some(n), Status::Running) => n
+            .ports
+            .iter()
+            .map(crate::network::PortMapping::short)
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
+    }
+}
+
+/// `inspect`'s `NetworkSettings`, as docker shapes it.
+fn network_settings(c: &Container) -> serde_json::Value {
+    let Some(n) = &c.config.network else {
+        return serde_json::json!({ "Network": "none", "Ports": {} });
+    };
+    let mut ports = serde_json::Map::new();
+    for m in &n.ports {
+        let entry = ports
+            .entry(m.key())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(list) = entry {
+            list.push(serde_json::json!({
+                "HostIp": m.host_ip.to_string(),
+                "HostPort": m.host_port.to_string(),
+            }));
+        }
+    }
+    let spec = &c.config.spec.network;
+    serde_json::json!({
+        "Network": n.mode.name(),
+        "IPAddress": n.ip().map(|a| a.to_string()).unwrap_or_default(),
+        "IPPrefixLen": if n.ip().is_some() { crate::network::PREFIX } else { 0 },
+        "Gateway": n.gateway().map(|a| a.to_string()).unwrap_or_default(),
+        "MacAddress": if n.mode == crate::network::Mode::None { "" } else { n.mac.as_str() },
+        "Dns": spec.dns,
+        "Ports": ports,
+    })
+}
+
+/// `hull port`: where the container's ports are published, as docker prints it.
+fn port(args: &PortArgs) -> Result<ExitCode> {
+    let store = store()?;
+    let c = Containers::new(store.root()).find(&args.container)?;
+    let ports = c
+        .config
+        .network
+        .as_ref()
+        .map(|n| n.ports.clone())
+        .unwrap_or_default();
+    let filter = args.port.as_deref().map(|p| {
+        if p.contains('/') {
+            p.to_string()
+        } else {
+            format!("{p}/tcp")
+        }
+    });
+    let mut found = false;
+    for m in &ports {
+        match &filter {
+            Some(f) if *f == m.key() => println!("{}:{}", m.host_ip, m.host_port),
+            Some(_) => continue,
+            None => println!("{}", m.describe()),
+        }
+        found = true;
+    }
+    match filter {
+        Some(f) if !found => Err(format!(
+            "no public port {f} published for container {}",
+            c.config.name
+        )
+        .into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
 fn inspect(args: &ContainersArg) -> Result<ExitCode> {
     let mut out = Vec::new();
     let code = for_each_container(&args.containers, |_, c| {
@@ -421,6 +503,7 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
             "Mounts": [
                 { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH) }
             ],
+            "NetworkSettings": network_settings(c),
             "LogPath": c.path(crate::container::files::LOG),
         }));
         Ok(())

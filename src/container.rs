@@ -95,6 +95,9 @@ pub struct ContainerConfig {
     /// How its log rotates (`--log-opt`); records from before it have the defaults.
     #[serde(default)]
     pub log: crate::logfile::LogOptions,
+    /// Its network (`--network`, `-p`...); records from before it have none.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkConfig>,
 }
 
 /// Where a container stands.
@@ -470,6 +473,7 @@ mod tests {
             kernel: "/k".into(),
             auto_remove: false,
             log: crate::logfile::LogOptions::default(),
+            network: None,
         }
     }
 

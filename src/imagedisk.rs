@@ -282,6 +282,7 @@ fn build(
         disks: disks_cfg,
         control: Some(guest_end),
         entropy: true,
+        net: None,
         exit_signal: Some(exit_signal.clone()),
     };
     let signals = Signals::block().map_err(|e| failed(format!("signals: {e}")))?;

@@ -13,6 +13,7 @@ mod imagedisk;
 mod initramfs;
 mod logfile;
 mod monitor;
+mod network;
 mod run;
 mod session;
 

@@ -629,6 +629,7 @@ fn run_locked(
         spec_json,
         host_end,
         exit_signal,
+        passt,
     } = prepared;
     let vm = std::thread::Builder::new()
         .name("vmm".into())
@@ -661,6 +662,13 @@ fn run_locked(
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     let vm_exit = vm.join().map_err(|_| "the VMM thread panicked")?;
+    // The container's ports are freed with it, before it is recorded as exited.
+    if let Some(mut passt) = passt {
+        if let Some(why) = passt.exited() {
+            tracing::warn!("monitor: the container's network ended early: {why}");
+        }
+        drop(passt);
+    }
 
     let (code, error) = match (&monitor.outcome, &vm_exit) {
         (Some(MainOutcome::Exited(code)), _) => (*code, None),

@@ -235,6 +235,8 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let memory_mib = parse_memory(&args.memory)?;
     let cpus = parse_cpus(&args.cpus)?;
     let log = crate::logfile::LogOptions::parse(&args.log_opt)?;
+    let net_flags = crate::network::flags(args);
+    crate::network::check_flags(&net_flags)?;
     let mut env_files = Vec::new();
     for f in &args.env_file {
         env_files.extend(read_env_file(f)?);
@@ -242,10 +244,14 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let image = resolve_image(store, &args.image, args.insecure)?;
     let config = image.config.config().clone().unwrap_or_default();
     let argv = command_line(&image, args.entrypoint.as_deref(), &args.command)?;
+    // Host ports are chosen and checked free before the image disk is built.
+    let exposed = config.exposed_ports().clone().unwrap_or_default();
+    let mut net = crate::network::plan(&net_flags, &exposed)?;
     let kernel = guest::kernel(args.kernel.as_deref())?;
     imagedisk::ensure(store, &image, &kernel, debug)?;
 
     let id = new_id()?;
+    net.config.mac = crate::network::mac_for(&id);
     let hostname = args
         .hostname
         .clone()
@@ -283,6 +289,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
             chain: imagedisk::chain(&image),
             build: None,
         },
+        network: net.spec,
     };
     Ok(Containers::new(store.root()).create(ContainerConfig {
         name: args.name.clone().unwrap_or_else(|| generated_name(&id)),
@@ -296,6 +303,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
         kernel,
         auto_remove: args.rm,
         log,
+        network: Some(net.config),
     })?)
 }
 
@@ -431,6 +439,8 @@ pub struct PreparedVm {
     pub host_end: UnixStream,
     /// Stops the VM from the host.
     pub exit_signal: vmm::ExitSignal,
+    /// The container's passt, if it has one (killed when dropped).
+    pub passt: Option<crate::network::Passt>,
 }
 
 /// Prepares `container`'s VM: kernel, initramfs, the image disk (read-only;
@@ -473,6 +483,7 @@ pub fn prepare_vm(
     };
     let (host_end, guest_end) = UnixStream::pair()?;
     let exit_signal = vmm::ExitSignal::new()?;
+    let (net, passt) = crate::network::prepare(container.config.network.as_ref())?;
     let vm_config = vmm::VmConfig {
         boot: vmm::BootSource {
             kernel: container.config.kernel.clone(),
@@ -488,6 +499,7 @@ pub fn prepare_vm(
         disks: disks_cfg,
         control: Some(guest_end),
         entropy: true,
+        net,
         exit_signal: Some(exit_signal.clone()),
     };
     Ok(PreparedVm {
@@ -495,6 +507,7 @@ pub fn prepare_vm(
         spec_json: serde_json::to_vec(&container.config.spec)?,
         host_end,
         exit_signal,
+        passt,
     })
 }
 

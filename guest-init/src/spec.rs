@@ -27,6 +27,45 @@ pub struct RunSpec {
     pub stdin: bool,
     /// Where the container's root filesystem comes from.
     pub rootfs: RootfsSpec,
+    /// The container's network: its interface (none: loopback only), resolvers and hosts.
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+/// The container's network as the init sets it up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkSpec {
+    /// `eth0` (the virtio-net interface); `None`: only `lo`.
+    pub interface: Option<InterfaceSpec>,
+    /// Name servers for `/etc/resolv.conf` (none: the file says so).
+    pub dns: Vec<String>,
+    /// Search domains for `/etc/resolv.conf`.
+    pub dns_search: Vec<String>,
+    /// Extra `/etc/hosts` entries, after the standard ones.
+    pub hosts: Vec<HostEntry>,
+}
+
+/// The container's `eth0`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InterfaceSpec {
+    /// The IPv4 address and prefix length, e.g. `10.0.2.15/24`; `None`:
+    /// ask for one by DHCP.
+    pub address: Option<String>,
+    /// The default route's gateway (with a static address).
+    pub gateway: Option<String>,
+    /// The MTU (0: the device's).
+    pub mtu: u32,
+}
+
+/// One `/etc/hosts` line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEntry {
+    /// The address.
+    pub address: String,
+    /// The names it has.
+    pub names: Vec<String>,
 }
 
 /// A process to start in a running container (`hull exec`).

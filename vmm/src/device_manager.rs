@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::net::{Net, StreamBackend, TapBackend};
 use devices::virtio::{
     mmio_cmdline_fragment, Block, Console, MmioTransport, Rng, VirtioDevice, MMIO_LEN,
     QUEUE_NOTIFY_OFFSET,
@@ -37,6 +38,26 @@ pub struct DiskConfig {
     /// More files that follow `path` on the same (read-only) disk, each from
     /// a sector boundary: see [`devices::virtio::concat_layout`].
     pub then: Vec<PathBuf>,
+}
+
+/// The guest's network interface (virtio-net).
+#[derive(Debug)]
+pub struct NetConfig {
+    /// Where its frames go.
+    pub backend: NetBackendConfig,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// The MTU announced to the guest.
+    pub mtu: u16,
+}
+
+/// The host end of the guest's network interface.
+#[derive(Debug)]
+pub enum NetBackendConfig {
+    /// A connected stream socket carrying length-prefixed frames (passt).
+    Stream(UnixStream),
+    /// A TAP interface of this name (opened, or created, by the VMM).
+    Tap(String),
 }
 
 /// Errors attaching devices.
@@ -80,6 +101,7 @@ pub enum DeviceError {
 #[derive(Debug)]
 pub struct PendingDevices {
     disks: Vec<(Vec<File>, bool, String)>,
+    net: Option<Net>,
     control: Option<UnixStream>,
     entropy: bool,
 }
@@ -139,6 +161,7 @@ impl PendingDevices {
             disks,
             control,
             entropy,
+            net: None,
         })
     }
 
@@ -146,10 +169,44 @@ impl PendingDevices {
         self.disks.len() + usize::from(self.control.is_some()) + usize::from(self.entropy)
     }
 
+    /// Opens the network interface's backend (so a bad TAP is reported
+    /// before the VM starts).
+    ///
+    /// # Errors
+    /// The backend cannot be opened, or there are too many devices.
+    pub fn with_net(mut self, net: Option<NetConfig>) -> Result<Self, DeviceError> {
+        let Some(net) = net else {
+            return Ok(self);
+        };
+        if self.slots() + 1 > MAX_DEVICES {
+            return Err(DeviceError::TooMany(self.slots() + 1));
+        }
+        let create = |detail: String| DeviceError::Create {
+            what: "virtio-net",
+            detail,
+        };
+        let backend: Box<dyn devices::virtio::net::NetBackend> = match net.backend {
+            NetBackendConfig::Stream(stream) => {
+                Box::new(StreamBackend::new(stream).map_err(|e| create(e.to_string()))?)
+            }
+            NetBackendConfig::Tap(name) => Box::new(
+                TapBackend::open(&name)
+                    .map_err(|e| create(format!("cannot open TAP interface {name}: {e}")))?,
+            ),
+        };
+        self.net = Some(Net::new(backend, net.mac, net.mtu).map_err(|e| create(e.to_string()))?);
+        Ok(self)
+    }
+
+    /// Every device's slot, the network interface's included.
+    fn slots(&self) -> usize {
+        self.count() + usize::from(self.net.is_some())
+    }
+
     /// The kernel command-line entries announcing the devices, in slot order.
     #[must_use]
     pub fn cmdline(&self) -> String {
-        (0..self.count())
+        (0..self.slots())
             .map(|i| {
                 let (base, irq) = slot(i);
                 mmio_cmdline_fragment(base, irq)
@@ -220,6 +277,10 @@ impl PendingDevices {
             })?;
             let console = Arc::new(Mutex::new(console));
             add("virtio-console", console.clone(), Box::new(console))?;
+        }
+        if let Some(net) = self.net {
+            let net = Arc::new(Mutex::new(net));
+            add("virtio-net", net.clone(), Box::new(net))?;
         }
         if self.entropy {
             let rng = Rng::new().map_err(|e| DeviceError::Create {

@@ -17,6 +17,7 @@ mod vm;
 
 pub use boot::BootSource;
 pub use device_manager::DiskConfig;
+pub use device_manager::{NetBackendConfig, NetConfig};
 pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;
 pub use vm::{run, VmConfig, VmmError};

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, mptable, BootError, BootSource};
+use crate::device_manager::NetConfig;
 use crate::device_manager::{DeviceError, DiskConfig, PendingDevices};
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::{self, GuestNeeds, KvmError};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub control: Option<UnixStream>,
     /// Give the guest a virtio-rng entropy source.
     pub entropy: bool,
+    /// The guest's network interface, if it has one (`None`: loopback only).
+    pub net: Option<NetConfig>,
     /// Lets the caller stop the VM from another thread (`ExitSignal::exit`);
     /// `None` when only the guest ends it.
     pub exit_signal: Option<ExitSignal>,
@@ -160,6 +163,7 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     // Everything the user gave is checked (and loaded) before KVM is touched,
     // so bad input gets its own error on any host.
     let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?;
+    let pending = pending.with_net(config.net)?;
     let mut boot_source = config.boot.clone();
     let devices_cmdline = pending.cmdline();
     if !devices_cmdline.is_empty() {

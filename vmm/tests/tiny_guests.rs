@@ -92,6 +92,7 @@ fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
         disks: Vec::new(),
         control: None,
         entropy: false,
+        net: None,
         exit_signal: None,
     };
     let exit = vmm::run(config).expect("the VM should start");
@@ -181,6 +182,7 @@ fn a_kernel_too_big_for_memory_is_refused() {
         disks: Vec::new(),
         control: None,
         entropy: false,
+        net: None,
         exit_signal: None,
     };
     let err = vmm::run(config).unwrap_err().to_string();
@@ -209,6 +211,7 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
         disks: Vec::new(),
         control: None,
         entropy: true,
+        net: None,
         exit_signal: Some(signal.clone()),
     };
     let stopper = std::thread::spawn(move || {

@@ -9,6 +9,7 @@
 pub mod channel;
 pub mod events;
 pub mod mounts;
+pub mod net;
 pub mod process;
 pub mod rootfs;
 
@@ -143,6 +144,9 @@ impl Init {
         }
         mounts::set_hostname(&spec.hostname).map_err(|e| runtime("sethostname", &e))?;
         mounts::loopback_up();
+        for n in net::setup(&spec.network, &spec.hostname)? {
+            self.note(n);
+        }
         self.note("root ready");
         let Some(chan) = self.chan.as_mut() else {
             return Ok(None);

@@ -176,7 +176,7 @@ pub fn switch_root(root: &str) -> Result<(), StartError> {
 
 /// Replaces a file of the container's `/etc` (whatever was there: a symlink
 /// is not followed). Failures are returned for a note, not fatal.
-fn replace_file(path: &str, content: &str) -> io::Result<()> {
+pub(crate) fn replace_file(path: &str, content: &str) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => return Err(io::Error::other("is a directory")),
         Ok(_) => fs::remove_file(path)?,
