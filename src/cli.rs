@@ -66,6 +66,69 @@ pub enum Command {
     /// Build or locate the guest kernel.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Copy files between a running container and the host (tar archives with `-`).
+    Cp(CpArgs),
+}
+
+/// `hull volume ...`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (an ext4 disk image, sparse).
+    Create(VolumeCreateArgs),
+    /// List volumes.
+    Ls(VolumeLsArgs),
+    /// Show volumes' details as JSON.
+    Inspect(VolumeNamesArg),
+    /// Remove volumes (refused while a container uses one).
+    Rm(VolumeNamesArg),
+    /// Remove unused anonymous volumes (`--all`: every unused volume).
+    Prune(VolumePruneArgs),
+}
+
+/// `hull volume create`.
+#[derive(Debug, Args)]
+pub struct VolumeCreateArgs {
+    /// A driver option: size=SIZE (default 10g).
+    #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+    pub opt: Vec<String>,
+    /// The volume's name (default: a random one).
+    pub name: Option<String>,
+}
+
+/// `hull volume ls`.
+#[derive(Debug, Args)]
+pub struct VolumeLsArgs {
+    /// Only print names.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+/// Volume names.
+#[derive(Debug, Args)]
+pub struct VolumeNamesArg {
+    /// Volumes.
+    #[arg(required = true)]
+    pub volumes: Vec<String>,
+}
+
+/// `hull volume prune`.
+#[derive(Debug, Args)]
+pub struct VolumePruneArgs {
+    /// Also named volumes no container uses.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+}
+
+/// `hull cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// `CONTAINER:PATH`, a host path, or `-` (a tar archive on stdin).
+    pub source: String,
+    /// `CONTAINER:PATH`, a host path, or `-` (a tar archive on stdout).
+    pub destination: String,
 }
 
 /// The default guest command line: serial console, reboot through the i8042
@@ -191,6 +254,19 @@ pub struct RunArgs {
     /// Add a line to the container's /etc/hosts (IP may be host-gateway).
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
+    /// Bind mount a host directory (HOSTDIR:CTRDIR[:ro]), mount a named
+    /// volume (NAME:CTRDIR[:ro], created if missing) or an anonymous one (CTRDIR).
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
+    pub volume: Vec<String>,
+    /// A mount, docker's syntax: type=bind|volume|tmpfs,source=...,target=...[,readonly].
+    #[arg(long = "mount", value_name = "type=...,target=...")]
+    pub mount: Vec<String>,
+    /// Mount a tmpfs (CTRDIR[:size=SIZE,mode=MODE,exec]).
+    #[arg(long = "tmpfs", value_name = "CTRDIR[:OPTIONS]")]
+    pub tmpfs: Vec<String>,
+    /// Make the container's root file system read-only (its mounts stay writable).
+    #[arg(long = "read-only")]
+    pub read_only: bool,
     /// The guest kernel (default: the cached `hull kernel build`).
     #[arg(long, env = "HULL_KERNEL", hide = true)]
     pub kernel: Option<PathBuf>,

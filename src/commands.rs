@@ -44,6 +44,105 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Import(args) => import(&args),
         Command::Boot(args) => boot(args),
         Command::Kernel(KernelCommand::Build(args)) => kernel_build(&args),
+        Command::Volume(cmd) => volume(cmd),
+        Command::Cp(args) => {
+            crate::cp::cp(&args.source, &args.destination)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `hull volume ...`.
+fn volume(cmd: crate::cli::VolumeCommand) -> Result<ExitCode> {
+    use crate::cli::VolumeCommand;
+    use crate::volume::{parse_volume_opts, Volumes};
+    let store = store()?;
+    let volumes = Volumes::new(store.root());
+    let containers = Containers::new(store.root());
+    match cmd {
+        VolumeCommand::Create(args) => {
+            let size = parse_volume_opts(&args.opt)?;
+            let name = match args.name {
+                Some(n) => n,
+                None => crate::run::new_id()?,
+            };
+            println!("{}", volumes.create(&name, size, false)?.info.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Ls(args) => {
+            let list = volumes.list()?;
+            if !args.quiet {
+                println!("DRIVER    VOLUME NAME");
+            }
+            for v in list {
+                if args.quiet {
+                    println!("{}", v.info.name);
+                } else {
+                    println!("local     {}", v.info.name);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Inspect(args) => {
+            let mut out = Vec::new();
+            let mut failed = false;
+            for name in &args.volumes {
+                match volumes.find(name) {
+                    Ok(v) => out.push(serde_json::json!({
+                        "Name": v.info.name,
+                        "Driver": "local",
+                        "Mountpoint": v.disk(),
+                        "CreatedAt": v.info.created,
+                        "Options": { "size": v.info.size.to_string() },
+                        "Labels": {},
+                        "Scope": "local",
+                        "Anonymous": v.info.anonymous,
+                        "InUse": v.in_use()?,
+                    })),
+                    Err(e) => {
+                        eprintln!("hull: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        VolumeCommand::Rm(args) => {
+            let mut failed = false;
+            for name in &args.volumes {
+                match volumes.remove(name, &containers) {
+                    Ok(_) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("hull: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        VolumeCommand::Prune(args) => {
+            let mut freed = 0;
+            for v in volumes.list()? {
+                if !(args.all || v.info.anonymous) {
+                    continue;
+                }
+                if let Ok(n) = volumes.remove(&v.info.name, &containers) {
+                    freed += n;
+                    println!("Deleted: {}", v.info.name);
+                }
+            }
+            println!("Total reclaimed space: {}", human_size(freed));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -66,6 +165,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         console_out: Box::new(std::io::stdout()),
         console_in,
         disks: Vec::new(),
+        shares: Vec::new(),
         control: None,
         entropy: false,
         net: None,
@@ -500,9 +600,11 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
                     },
                 },
             },
-            "Mounts": [
-                { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH) }
-            ],
+            "Mounts": std::iter::once(serde_json::json!(
+                { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH), "RW": !c.config.spec.read_only }
+            ))
+            .chain(c.config.mounts.iter().map(crate::volume::inspect_mount))
+            .collect::<Vec<_>>(),
             "NetworkSettings": network_settings(c),
             "LogPath": c.path(crate::container::files::LOG),
         }));

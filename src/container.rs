@@ -98,6 +98,9 @@ pub struct ContainerConfig {
     /// Its network (`--network`, `-p`...); records from before it have none.
     #[serde(default)]
     pub network: Option<crate::network::NetworkConfig>,
+    /// Its volumes, bind mounts and tmpfs mounts (in mounting order).
+    #[serde(default)]
+    pub mounts: Vec<crate::volume::HostMount>,
 }
 
 /// Where a container stands.
@@ -474,6 +477,7 @@ mod tests {
             auto_remove: false,
             log: crate::logfile::LogOptions::default(),
             network: None,
+            mounts: Vec::new(),
         }
     }
 

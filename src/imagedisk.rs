@@ -280,6 +280,7 @@ fn build(
         console_out,
         console_in: None,
         disks: disks_cfg,
+        shares: Vec::new(),
         control: Some(guest_end),
         entropy: true,
         net: None,

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod commands;
 mod container;
+mod cp;
 mod disks;
 mod guest;
 mod imagedisk;
@@ -16,6 +17,8 @@ mod monitor;
 mod network;
 mod run;
 mod session;
+mod virtiofs;
+mod volume;
 
 use std::process::ExitCode;
 

@@ -46,6 +46,16 @@ pub enum Request {
         /// Grace period.
         timeout_secs: u64,
     },
+    /// `hull cp` out: a tar archive of `path` comes as the process's stdout.
+    CopyOut {
+        /// The container path.
+        path: String,
+    },
+    /// `hull cp` in: the client's stdin (a tar archive) is unpacked at `path`.
+    CopyIn {
+        /// The container path.
+        path: String,
+    },
 }
 
 /// While a client has this much queued, the guest is not read: a slow
@@ -318,7 +328,7 @@ impl Monitor {
                 }
                 self.maybe_send_spec();
             }
-            Request::Exec(spec) => {
+            Request::Exec(_) | Request::CopyOut { .. } | Request::CopyIn { .. } => {
                 if self.outcome.is_some() {
                     client.send(&Frame::Failed {
                         code: 125,
@@ -331,10 +341,14 @@ impl Monitor {
                 let id = self.next_exec;
                 client.role = Role::Exec(id);
                 self.exec_owner.insert(id, idx);
-                self.send_to_process(Frame::Exec(
-                    id,
-                    serde_json::to_vec(&spec).unwrap_or_default(),
-                ));
+                self.send_to_process(match request {
+                    Request::CopyOut { path } => Frame::CopyOut(id, path.into_bytes()),
+                    Request::CopyIn { path } => Frame::CopyIn(id, path.into_bytes()),
+                    Request::Exec(spec) => {
+                        Frame::Exec(id, serde_json::to_vec(&spec).unwrap_or_default())
+                    }
+                    _ => return,
+                });
             }
             Request::Signal(sig) => {
                 client.role = Role::Waiting;
@@ -591,8 +605,8 @@ pub fn run(key: &str, wait_attach: bool, debug: bool) -> Result<()> {
             s.pid = None;
         });
     }
-    if container.config.auto_remove {
-        let _ = containers.remove(&container);
+    if container.config.auto_remove && containers.remove(&container).is_ok() {
+        crate::volume::remove_anonymous(store.root(), &container.config.mounts);
     }
     result
 }
@@ -630,6 +644,8 @@ fn run_locked(
         host_end,
         exit_signal,
         passt,
+        volumes: _volumes,
+        shares: _shares,
     } = prepared;
     let vm = std::thread::Builder::new()
         .name("vmm".into())

@@ -166,7 +166,7 @@ fn command_line(image: &Image, entrypoint: Option<&str>, args: &[String]) -> Res
 }
 
 /// A fresh random container id (64 hex digits, as docker's).
-fn new_id() -> Result<String> {
+pub(crate) fn new_id() -> Result<String> {
     let mut bytes = [0u8; 32];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
     Ok(hex::encode(bytes))
@@ -241,8 +241,11 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     for f in &args.env_file {
         env_files.extend(read_env_file(f)?);
     }
+    let mut mounts = crate::volume::parse_all(&args.volume, &args.mount, &args.tmpfs)?;
     let image = resolve_image(store, &args.image, args.insecure)?;
     let config = image.config.config().clone().unwrap_or_default();
+    crate::volume::add_image_volumes(&mut mounts, &config.volumes().clone().unwrap_or_default());
+    crate::volume::sort_for_mounting(&mut mounts);
     let argv = command_line(&image, args.entrypoint.as_deref(), &args.command)?;
     // Host ports are chosen and checked free before the image disk is built.
     let exposed = config.exposed_ports().clone().unwrap_or_default();
@@ -250,6 +253,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let kernel = guest::kernel(args.kernel.as_deref())?;
     imagedisk::ensure(store, &image, &kernel, debug)?;
 
+    crate::volume::create_volumes(store.root(), &mut mounts)?;
     let id = new_id()?;
     net.config.mac = crate::network::mac_for(&id);
     let hostname = args
@@ -290,6 +294,8 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
             build: None,
         },
         network: net.spec,
+        mounts: crate::volume::guest_mounts(&mounts),
+        read_only: args.read_only,
     };
     Ok(Containers::new(store.root()).create(ContainerConfig {
         name: args.name.clone().unwrap_or_else(|| generated_name(&id)),
@@ -304,6 +310,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
         auto_remove: args.rm,
         log,
         network: Some(net.config),
+        mounts,
     })?)
 }
 
@@ -441,6 +448,10 @@ pub struct PreparedVm {
     pub exit_signal: vmm::ExitSignal,
     /// The container's passt, if it has one (killed when dropped).
     pub passt: Option<crate::network::Passt>,
+    /// The container's named volumes, held while it runs.
+    pub volumes: Vec<crate::volume::InUse>,
+    /// The virtio-fs servers of its bind mounts (stopped when dropped).
+    pub shares: Vec<crate::virtiofs::Server>,
 }
 
 /// Prepares `container`'s VM: kernel, initramfs, the image disk (read-only;
@@ -459,7 +470,14 @@ pub fn prepare_vm(
     let image_disk = imagedisk::ensure(store, image, &container.config.kernel, debug)?;
     let scratch = container.path(files::SCRATCH);
     disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
-    let disks_cfg = vec![
+    let mounts = crate::volume::prepare(store.root(), &container.config.mounts)?;
+    let (shares, shares_cfg) = crate::virtiofs::start_all(
+        &store.root().join("run"),
+        &container.dir,
+        container.short_id(),
+        &mounts.shares,
+    )?;
+    let mut disks_cfg = vec![
         vmm::DiskConfig {
             path: image_disk,
             read_only: true,
@@ -473,6 +491,7 @@ pub fn prepare_vm(
             then: Vec::new(),
         },
     ];
+    disks_cfg.extend(mounts.disks);
     let console_out: Box<dyn Write + Send> = if debug {
         Box::new(std::io::stderr())
     } else {
@@ -497,6 +516,7 @@ pub fn prepare_vm(
         console_out,
         console_in: None,
         disks: disks_cfg,
+        shares: shares_cfg,
         control: Some(guest_end),
         entropy: true,
         net,
@@ -508,6 +528,8 @@ pub fn prepare_vm(
         host_end,
         exit_signal,
         passt,
+        volumes: mounts.held,
+        shares,
     })
 }
 

@@ -57,6 +57,14 @@ pub enum Frame {
     /// `Signal`, `Resize`; guest -> host `Stdout`, `Stderr`, `Exited`,
     /// `Failed`. Never nested.
     Proc(u32, Box<Frame>),
+
+    // `hull cp` (host -> guest); answered like an exec'd process `id`.
+    /// Send a tar archive of this path (in the container) as process `id`'s
+    /// stdout; it exits 0 once the archive is whole.
+    CopyOut(u32, Vec<u8>),
+    /// Unpack the tar archive that comes as process `id`'s stdin into this
+    /// directory (in the container); it exits 0 once it is unpacked.
+    CopyIn(u32, Vec<u8>),
 }
 
 /// Errors reading or writing frames.
@@ -87,6 +95,8 @@ mod kind {
     pub const NOTE: u8 = 69;
     pub const EXEC: u8 = 96;
     pub const PROC: u8 = 97;
+    pub const COPY_OUT: u8 = 98;
+    pub const COPY_IN: u8 = 99;
 }
 
 impl Frame {
@@ -114,8 +124,13 @@ impl Frame {
                 [&ms.to_le_bytes()[..], text.as_bytes()].concat(),
             ),
             Self::Exec(id, spec) => (kind::EXEC, [&id.to_le_bytes()[..], spec].concat()),
+            Self::CopyOut(id, path) => (kind::COPY_OUT, [&id.to_le_bytes()[..], path].concat()),
+            Self::CopyIn(id, path) => (kind::COPY_IN, [&id.to_le_bytes()[..], path].concat()),
             Self::Proc(id, inner) => {
-                if matches!(**inner, Self::Proc(..) | Self::Exec(..)) {
+                if matches!(
+                    **inner,
+                    Self::Proc(..) | Self::Exec(..) | Self::CopyOut(..) | Self::CopyIn(..)
+                ) {
                     return Err(ProtocolError::Invalid("nested process frame".into()));
                 }
                 let inner = inner.encode()?;
@@ -221,13 +236,26 @@ impl Frame {
                 at_least(5)?;
                 let id = u32::from_le_bytes(le4(&payload[..4]));
                 let inner_kind = payload[4];
-                if matches!(inner_kind, kind::PROC | kind::EXEC) {
+                if matches!(
+                    inner_kind,
+                    kind::PROC | kind::EXEC | kind::COPY_OUT | kind::COPY_IN
+                ) {
                     return Err(ProtocolError::Invalid("nested process frame".into()));
                 }
                 Self::Proc(
                     id,
                     Box::new(Self::decode(inner_kind, payload[5..].to_vec())?),
                 )
+            }
+            kind::COPY_OUT | kind::COPY_IN => {
+                at_least(4)?;
+                let id = u32::from_le_bytes(le4(&payload[..4]));
+                let path = payload[4..].to_vec();
+                if k == kind::COPY_OUT {
+                    Self::CopyOut(id, path)
+                } else {
+                    Self::CopyIn(id, path)
+                }
             }
             other => return Err(ProtocolError::Invalid(format!("unknown kind {other}"))),
         })
@@ -349,6 +377,8 @@ mod tests {
             Frame::Proc(7, Box::new(Frame::Stdout(b"out".to_vec()))),
             Frame::Proc(7, Box::new(Frame::Exited(0))),
             Frame::Proc(9, Box::new(Frame::Resize(1, 2))),
+            Frame::CopyOut(3, b"/etc".to_vec()),
+            Frame::CopyIn(4, b"/tmp/x".to_vec()),
         ]
     }
 

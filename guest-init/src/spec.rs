@@ -27,9 +27,72 @@ pub struct RunSpec {
     pub stdin: bool,
     /// Where the container's root filesystem comes from.
     pub rootfs: RootfsSpec,
+    /// Volumes, bind mounts and tmpfs mounts, in the order they are mounted
+    /// (a parent before what is mounted inside it).
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+    /// The container's root is read-only (`--read-only`); its mounts are not.
+    #[serde(default)]
+    pub read_only: bool,
     /// The container's network: its interface (none: loopback only), resolvers and hosts.
     #[serde(default)]
     pub network: NetworkSpec,
+}
+
+/// One mount in the container, as the init makes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// What is mounted.
+    pub source: MountSource,
+    /// Where, in the container (absolute, normalised; never `/`, `/proc`,
+    /// `/sys`, `/dev` or below them).
+    pub target: String,
+    /// Read-only in the container.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The source of a [`MountSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum MountSource {
+    /// A host directory shared over virtio-fs under this tag.
+    Virtiofs {
+        /// The virtio-fs tag (at most 36 bytes).
+        tag: String,
+    },
+    /// A volume: an ext4 disk (virtio-blk serial) whose `_data/` is mounted.
+    /// An empty volume (no `_data/` yet) is first filled with what the image
+    /// has at the target, as docker does.
+    Volume {
+        /// The disk's virtio-blk serial.
+        serial: String,
+    },
+    /// A fresh tmpfs.
+    Tmpfs {
+        /// Its size limit in bytes (`None`: the kernel's default, half the RAM).
+        size: Option<u64>,
+        /// Mode of its root (docker: 1777).
+        mode: u32,
+        /// Allow executables on it (docker's default is `noexec`).
+        exec: bool,
+    },
+}
+
+/// The directory inside a volume's file system that holds its data (the
+/// file system's root also holds `lost+found`), as docker's `_data`.
+pub const VOLUME_DATA_DIR: &str = "_data";
+
+/// Serial of the disk of volume mount `n`.
+#[must_use]
+pub fn volume_disk_serial(n: usize) -> String {
+    format!("hull-vol-{n}")
+}
+
+/// virtio-fs tag of bind mount `n`.
+#[must_use]
+pub fn share_tag(n: usize) -> String {
+    format!("hull-share-{n}")
 }
 
 /// The container's network as the init sets it up.

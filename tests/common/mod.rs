@@ -163,6 +163,37 @@ pub fn mkfs_ext4_files() -> Vec<(PathBuf, String)> {
     files
 }
 
+/// A host binary for the emulated host, as (file here, path there): `src`
+/// at `dest`, and the shared libraries (with the dynamic loader) `ldd`
+/// lists for it at their own paths.
+///
+/// # Panics
+/// When `src` is missing or `ldd` fails on it.
+pub fn tool_files(src: &Path, dest: &str) -> Vec<(PathBuf, String)> {
+    assert!(
+        src.is_file(),
+        "{} is missing (./dev setup installs it)",
+        src.display()
+    );
+    let mut files = vec![(src.to_path_buf(), dest.to_owned())];
+    let out = Command::new("ldd")
+        .arg(src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ldd {}: {e}", src.display()));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `libx.so.1 => /lib/.../libx.so.1 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`;
+        // the vDSO has no file.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push((PathBuf::from(path), path.to_owned()));
+        }
+    }
+    files
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -266,6 +297,12 @@ impl EmulatedHost {
             host = host.file(src, &dest);
         }
         host
+    }
+
+    /// A host binary at `dest`, with its shared libraries ([`tool_files`]).
+    pub fn tool(mut self, src: impl AsRef<Path>, dest: &str) -> Self {
+        self.files.extend(tool_files(src.as_ref(), dest));
+        self
     }
 
     /// Number of vCPUs of the emulated host.

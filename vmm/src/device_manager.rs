@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::net::{Net, StreamBackend, TapBackend};
 use devices::virtio::{
-    mmio_cmdline_fragment, Block, Console, MmioTransport, Rng, VirtioDevice, MMIO_LEN,
+    mmio_cmdline_fragment, Block, Console, MmioTransport, Rng, VhostUserFs, VirtioDevice, MMIO_LEN,
     QUEUE_NOTIFY_OFFSET,
 };
 use devices::Bus;
@@ -38,6 +38,16 @@ pub struct DiskConfig {
     /// More files that follow `path` on the same (read-only) disk, each from
     /// a sector boundary: see [`devices::virtio::concat_layout`].
     pub then: Vec<PathBuf>,
+}
+
+/// A virtio-fs share: a vhost-user backend (virtiofsd) listening on
+/// `socket`, seen by the guest under `tag`.
+#[derive(Debug, Clone)]
+pub struct FsShare {
+    /// The backend's UNIX socket.
+    pub socket: PathBuf,
+    /// The virtio-fs tag (`mount -t virtiofs TAG DIR` in the guest).
+    pub tag: String,
 }
 
 /// The guest's network interface (virtio-net).
@@ -72,6 +82,17 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtio-fs backend could not be reached.
+    #[error("cannot connect virtio-fs share {tag} to {socket}")]
+    Share {
+        /// The tag.
+        tag: String,
+        /// The backend's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: devices::virtio::FsError,
+    },
     /// Too many devices for the IRQs there are.
     #[error("{0} virtio devices requested: a VM can have at most {MAX_DEVICES}")]
     TooMany(usize),
@@ -104,6 +125,7 @@ pub struct PendingDevices {
     net: Option<Net>,
     control: Option<UnixStream>,
     entropy: bool,
+    shares: Vec<VhostUserFs>,
 }
 
 fn slot(index: usize) -> (u64, u32) {
@@ -162,11 +184,37 @@ impl PendingDevices {
             control,
             entropy,
             net: None,
+            shares: Vec::new(),
         })
     }
 
+    /// Connects to every share's backend (so a missing one is reported
+    /// before the VM starts).
+    ///
+    /// # Errors
+    /// A backend cannot be reached, or there are too many devices.
+    pub fn with_shares(mut self, shares: &[FsShare]) -> Result<Self, DeviceError> {
+        let count = self.count() + shares.len();
+        if count > MAX_DEVICES {
+            return Err(DeviceError::TooMany(count));
+        }
+        for s in shares {
+            let fs =
+                VhostUserFs::connect(&s.socket, &s.tag).map_err(|source| DeviceError::Share {
+                    tag: s.tag.clone(),
+                    socket: s.socket.clone(),
+                    source,
+                })?;
+            self.shares.push(fs);
+        }
+        Ok(self)
+    }
+
     fn count(&self) -> usize {
-        self.disks.len() + usize::from(self.control.is_some()) + usize::from(self.entropy)
+        self.disks.len()
+            + usize::from(self.control.is_some())
+            + usize::from(self.entropy)
+            + self.shares.len()
     }
 
     /// Opens the network interface's backend (so a bad TAP is reported
@@ -281,6 +329,10 @@ impl PendingDevices {
         if let Some(net) = self.net {
             let net = Arc::new(Mutex::new(net));
             add("virtio-net", net.clone(), Box::new(net))?;
+        }
+        for fs in self.shares {
+            let fs = Arc::new(Mutex::new(fs));
+            add("virtio-fs", fs.clone(), Box::new(fs))?;
         }
         if self.entropy {
             let rng = Rng::new().map_err(|e| DeviceError::Create {

@@ -16,7 +16,7 @@ pub mod vcpu;
 mod vm;
 
 pub use boot::BootSource;
-pub use device_manager::DiskConfig;
+pub use device_manager::{DiskConfig, FsShare};
 pub use device_manager::{NetBackendConfig, NetConfig};
 pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;

@@ -27,6 +27,9 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The shared memory file could not be made.
+    #[error("cannot create the guest memory file (memfd)")]
+    Memfd(#[source] std::io::Error),
     /// The size is zero or would overflow.
     #[error("invalid guest memory size: {mib} MiB")]
     Size {
@@ -64,6 +67,36 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| MemoryError::Size { mib })?;
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
+}
+
+/// Allocates `mib` MiB of guest memory in one memfd, mapped shared: a
+/// vhost-user backend (virtiofsd) maps the same pages from the fd.
+///
+/// # Errors
+/// The size is invalid, or the memfd cannot be made or mapped.
+pub fn create_shared(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = mib
+        .checked_mul(1 << 20)
+        .filter(|s| *s > 0)
+        .ok_or(MemoryError::Size { mib })?;
+    // SAFETY: a valid C string and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"hull-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Memfd)?;
+    let mut offset = 0u64;
+    let mut ranges = Vec::new();
+    for (addr, len) in ram_ranges(size) {
+        let ulen = usize::try_from(len).map_err(|_| MemoryError::Size { mib })?;
+        let f = file.try_clone().map_err(MemoryError::Memfd)?;
+        ranges.push((addr, ulen, Some(vm_memory::FileOffset::new(f, offset))));
+        offset += len;
+    }
+    GuestMemoryMmap::from_ranges_with_files(&ranges)
+        .map_err(|source| MemoryError::Allocate { mib, source })
 }
 
 /// Hands every region of `mem` to KVM as a memory slot.
@@ -109,6 +142,19 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_across_the_hole() {
+        let mem = create_shared(16).unwrap();
+        let r = mem.iter().next().unwrap();
+        assert_eq!(r.len(), 16 << 20);
+        assert_eq!(r.file_offset().unwrap().start(), 0);
+        vm_memory::Bytes::write_obj(&mem, 0xabu8, GuestAddress(0x1000)).unwrap();
+        assert!(matches!(
+            create_shared(0),
+            Err(MemoryError::Size { mib: 0 })
+        ));
     }
 
     #[test]

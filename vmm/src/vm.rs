@@ -22,7 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, mptable, BootError, BootSource};
 use crate::device_manager::NetConfig;
-use crate::device_manager::{DeviceError, DiskConfig, PendingDevices};
+use crate::device_manager::{DeviceError, DiskConfig, FsShare, PendingDevices};
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::{self, GuestNeeds, KvmError};
 use crate::layout::KVM_TSS_ADDRESS;
@@ -54,6 +54,9 @@ pub struct VmConfig {
     pub console_in: Option<RawFd>,
     /// virtio-blk disks, in the order the guest enumerates them.
     pub disks: Vec<DiskConfig>,
+    /// virtio-fs shares served by vhost-user backends; with any, guest
+    /// memory is a shared memfd (the backends map it).
+    pub shares: Vec<FsShare>,
     /// The host end of a virtio-console port (the guest's /dev/hvc0).
     pub control: Option<UnixStream>,
     /// Give the guest a virtio-rng entropy source.
@@ -162,14 +165,19 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
     }
     // Everything the user gave is checked (and loaded) before KVM is touched,
     // so bad input gets its own error on any host.
-    let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?;
+    let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?
+        .with_shares(&config.shares)?;
     let pending = pending.with_net(config.net)?;
     let mut boot_source = config.boot.clone();
     let devices_cmdline = pending.cmdline();
     if !devices_cmdline.is_empty() {
         boot_source.cmdline = format!("{} {devices_cmdline}", boot_source.cmdline);
     }
-    let mem = memory::create(config.memory_mib)?;
+    let mem = if config.shares.is_empty() {
+        memory::create(config.memory_mib)?
+    } else {
+        memory::create_shared(config.memory_mib)?
+    };
     let entry = boot::load(&mem, &boot_source)?;
     mptable::write(&mem, config.cpus)?;
     let cr3 = vcpu::write_boot_tables(&mem)?;

@@ -74,6 +74,7 @@
 mod block;
 mod chain;
 mod console;
+mod fs;
 mod mmio;
 pub mod net;
 mod rng;
@@ -92,6 +93,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{concat_layout, Block, BlockError, SECTOR_SIZE};
 pub use console::Console;
+pub use fs::{FsError, VhostUserFs, MAX_TAG_LEN};
 pub use mmio::{mmio_cmdline_fragment, MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
 

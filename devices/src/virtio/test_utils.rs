@@ -23,7 +23,7 @@ pub(crate) const INDIRECT: u16 = 4;
 
 /// Where tests put their data buffers (queues live below).
 pub(crate) const DATA: u64 = 0x10_0000;
-const MEM_SIZE: usize = 0x40_0000;
+pub(crate) const MEM_SIZE: usize = 0x40_0000;
 
 fn desc_table(q: usize) -> u64 {
     0x1_0000 * (q as u64 + 1)
@@ -50,6 +50,11 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// `dev` activated with queues of `sizes`, all ready.
     pub fn new(dev: D, sizes: &[u16]) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Self::with_memory(dev, sizes, mem)
+    }
+
+    /// As [`new`](Self::new), in `mem` (at least [`MEM_SIZE`] from 0).
+    pub fn with_memory(dev: D, sizes: &[u16], mem: GuestMemoryMmap) -> Self {
         let dev = Arc::new(Mutex::new(dev));
         let mut manager = EventManager::<Arc<Mutex<D>>>::new().unwrap();
         manager.add_subscriber(dev.clone());

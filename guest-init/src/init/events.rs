@@ -518,6 +518,22 @@ impl Loop<'_> {
                         ))?;
                     }
                 }
+                Frame::CopyOut(id, path) | Frame::CopyIn(id, path) => {
+                    let direction = if matches!(f, Frame::CopyIn(..)) {
+                        super::copy::Direction::In
+                    } else {
+                        super::copy::Direction::Out
+                    };
+                    if let Err(e) = self.copy(*id, direction, path) {
+                        self.send(&Frame::Proc(
+                            *id,
+                            Box::new(Frame::Failed {
+                                code: e.code,
+                                message: e.message,
+                            }),
+                        ))?;
+                    }
+                }
                 Frame::Proc(id, inner) => {
                     if let Some(p) = self.execs.iter_mut().find(|p| p.id == *id) {
                         p.input(inner);
@@ -527,6 +543,31 @@ impl Loop<'_> {
                 f => self.main.input(f),
             }
         }
+        Ok(())
+    }
+
+    /// Starts `hull cp`'s copy `id` (see [`super::copy`]) as an exec'd process.
+    fn copy(
+        &mut self,
+        id: u32,
+        direction: super::copy::Direction,
+        path: &[u8],
+    ) -> Result<(), StartError> {
+        let busy = |m: String| StartError::new(125, m);
+        if id == 0 || self.execs.iter().any(|p| p.id == id) {
+            return Err(busy(format!("copy id {id} is already in use")));
+        }
+        if self.execs.len() >= MAX_EXECS {
+            return Err(busy(format!(
+                "too many exec'd processes (at most {MAX_EXECS} at once)"
+            )));
+        }
+        let child = super::copy::spawn(direction, path)?;
+        self.execs.push(Proc::new(
+            id,
+            child,
+            direction == super::copy::Direction::In,
+        ));
         Ok(())
     }
 

@@ -7,11 +7,13 @@
 //! `Failed` frame (and a console line), then the VM ends.
 
 pub mod channel;
+pub mod copy;
 pub mod events;
 pub mod mounts;
 pub mod net;
 pub mod process;
 pub mod rootfs;
+pub mod volumes;
 
 use std::ffi::CString;
 use std::os::fd::AsFd;
@@ -136,6 +138,7 @@ impl Init {
             return Err(StartError::new(125, "no command given"));
         }
         rootfs::build(&spec.rootfs, &mut self.mounted)?;
+        volumes::mount_all(rootfs::NEW_ROOT, &spec.mounts)?;
         mounts::container(rootfs::NEW_ROOT)?;
         mounts::switch_root(rootfs::NEW_ROOT)?;
         self.switched = true;
@@ -146,6 +149,9 @@ impl Init {
         mounts::loopback_up();
         for n in net::setup(&spec.network, &spec.hostname)? {
             self.note(n);
+        }
+        if spec.read_only {
+            volumes::make_root_read_only(&spec.cwd)?;
         }
         self.note("root ready");
         let Some(chan) = self.chan.as_mut() else {
@@ -187,6 +193,7 @@ impl Init {
         if self.switched {
             let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, None);
         }
+        volumes::finish();
         for fd in [&self.mounted.scratch, &self.mounted.image]
             .into_iter()
             .flatten()

@@ -68,7 +68,7 @@ fn scan_disks() -> HashMap<String, String> {
 }
 
 /// The device of each wanted serial, waiting a little for late ones.
-fn find_disks(wanted: &[&str]) -> Result<HashMap<String, String>, StartError> {
+pub(crate) fn find_disks(wanted: &[&str]) -> Result<HashMap<String, String>, StartError> {
     let deadline = Instant::now() + DISK_WAIT;
     loop {
         let found = scan_disks();
