@@ -623,7 +623,6 @@ pub fn passt_binary() -> Result<PathBuf, NetworkError> {
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/bin".into(), "/usr/sbin".into()])
         .map(|d| d.join("passt"))
         .find(|p| is_executable(p))
         .ok_or_else(|| {
@@ -666,11 +665,21 @@ impl Passt {
         // -q: only warnings and errors; -F 3: the socket is fd 3 (passt then
         // ends when its other end closes); -4: IPv4 only.
         cmd.args(["-f", "-e", "-q", "-F", "3", "-4"]);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // As root passt drops to "nobody"; by number, so that a host
+            // without that user in /etc/passwd works too.
+            cmd.args(["--runas", "65534:65534"]);
+        }
         cmd.arg("-a").arg(GUEST_ADDR.to_string());
         cmd.arg("-n").arg(PREFIX.to_string());
         cmd.arg("-g").arg(GATEWAY.to_string());
         cmd.arg("-m").arg(MTU.to_string());
         cmd.arg("--dns-forward").arg(DNS_FORWARD.to_string());
+        if let Some(pcap) = std::env::var_os("HULL_PASST_PCAP").filter(|p| !p.is_empty()) {
+            // Debugging: passt records the frames it exchanges with the guest.
+            cmd.arg("--pcap").arg(pcap);
+        }
         for m in &config.ports {
             let flag = match m.proto {
                 Proto::Tcp => "-t",

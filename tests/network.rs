@@ -1,0 +1,275 @@
+//! Networking, for real in the emulated KVM host: passt (the default
+//! network) with `-p` published ports (TCP and UDP), the host's loopback
+//! services by `host.hull.internal`, name resolution through the host's
+//! resolver, two containers talking through a published port, a stopped
+//! container's port freed at once, `--network none`; and the flag errors
+//! that need no VM, natively.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{hull_bin, EmulatedHost};
+
+const PRELUDE: &str =
+    "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
+
+fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+}
+
+/// Runs the rest of the script (`/newroot/inner.sh`) with a tmpfs as the
+/// root of its own mount namespace: passt sandboxes itself with
+/// `pivot_root` and a user namespace, which the emulated host's initramfs
+/// root (rootfs) refuses. The tmpfs is moved onto `/` as `switch_root`
+/// does, so the process is not "chrooted" in the kernel's eyes.
+pub const NEW_ROOT: &str = r#"
+mkdir /newroot && mount -t tmpfs -o size=1200m none /newroot
+for d in bin sbin usr lib lib64 etc opt var root; do [ -e /$d ] && cp -a /$d /newroot/; done
+mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run
+"#;
+
+/// The command that runs `/newroot/inner.sh` in the new root.
+pub const ENTER_NEW_ROOT: &str = "unshare -m sh -c 'mount --make-rprivate /; \
+mount --rbind /proc /newroot/proc; mount --rbind /sys /newroot/sys; mount --rbind /dev /newroot/dev; \
+mount -t tmpfs none /newroot/tmp; mount -t tmpfs none /newroot/run; \
+cd /newroot && mount --move . / && exec chroot . sh /inner.sh'\n";
+
+/// Shell lines that give the emulated host an interface with an address and
+/// a default route (passt copies its addressing from it) and a resolver on
+/// its loopback (dnsmasq) that knows `db.test.internal`.
+pub const HOST_NETWORK: &str = r#"
+ip link set lo up
+ip link set dummy0 up
+ip addr add 192.0.2.10/24 dev dummy0
+ip route add default via 192.0.2.1 dev dummy0
+printf '203.0.113.7 db.test.internal\n' > /tmp/dnshosts
+echo 'nameserver 127.0.0.1' > /etc/resolv.conf
+dnsmasq -k --no-resolv --no-hosts --addn-hosts=/tmp/dnshosts --listen-address=127.0.0.1 \
+    --bind-interfaces --port=53 --user=root --pid-file= 2>/tmp/dnsmasq.log &
+"#;
+
+/// `binary` and the shared libraries `ldd` lists for it (with the dynamic
+/// loader), as (file here, path there), each at its own path.
+fn tool_files(binary: &Path) -> Vec<(PathBuf, String)> {
+    assert!(
+        binary.is_file(),
+        "{} is missing: ./dev setup installs it",
+        binary.display()
+    );
+    let mut files = vec![(binary.to_path_buf(), binary.display().to_string())];
+    let out = Command::new("ldd").arg(binary).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push((PathBuf::from(path), path.to_owned()));
+        }
+    }
+    files
+}
+
+/// Shell lines that build image `nettools`: busybox and the listed host
+/// binaries with their libraries (already copied into the emulated host).
+fn image_script(tools: &[&str]) -> String {
+    let mut s = String::from(
+        "mkdir -p /tmp/img/bin /tmp/img/etc /tmp/img/tmp\n\
+         cp /bin/busybox /tmp/img/bin/\n\
+         for a in $(busybox --list); do [ -e /tmp/img/bin/$a ] || ln -s busybox /tmp/img/bin/$a; done\n",
+    );
+    for tool in tools {
+        for (_, dest) in tool_files(Path::new(tool)) {
+            let dir = Path::new(&dest).parent().unwrap().display().to_string();
+            writeln!(s, "mkdir -p /tmp/img{dir} && cp {dest} /tmp/img{dest}").unwrap();
+        }
+    }
+    s.push_str("tar -C /tmp/img -cf /tmp/img.tar . && hull import /tmp/img.tar nettools >/dev/null; echo import=$?\n");
+    s
+}
+
+#[test]
+#[ignore = "the emulated host's passt (Debian 0.0~git20230309) sends a host socket's data \
+            again after the guest acked it (seen in passt's own pcap), so TCP through \
+            passt does not work there yet; see the README's Networking section"]
+fn passt_network_publish_host_services_dns_and_none() {
+    let mut host = EmulatedHost::new()
+        .with_hull_runtime()
+        .module("dummy")
+        .timeout(600)
+        .cpus(2);
+    for tool in ["/usr/bin/passt", "/usr/sbin/dnsmasq", "/usr/bin/socat"] {
+        for (src, dest) in tool_files(Path::new(tool)) {
+            host = host.file(src, &dest);
+        }
+    }
+    let inner = format!(
+        "{PRELUDE}{HOST_NETWORK}{}{}",
+        image_script(&["/usr/bin/socat"]),
+        r#"
+mkdir -p /tmp/hostwww && echo host-page > /tmp/hostwww/index.html
+httpd -p 127.0.0.1:8000 -h /tmp/hostwww
+# 1. A published TCP port: the host's wget reaches the container's httpd.
+hull run -d --name web -p 8080:80 busybox sh -c 'mkdir -p /www && echo container-page > /www/index.html && exec httpd -f -p 80 -h /www' >/dev/null
+echo run-web=$?
+for i in $(seq 1 90); do wget -q -T 2 -O /tmp/page http://127.0.0.1:8080/ 2>/dev/null && break; sleep 1; done
+echo "page=$(cat /tmp/page 2>/dev/null)"
+echo "port=$(hull port web)"
+echo "port-80=$(hull port web 80)"
+hull ps | grep -c '0.0.0.0:8080->80/tcp' | sed 's/^/ps-ports=/'
+hull inspect web | grep -E '"(IPAddress|Gateway|MacAddress|HostPort)"'
+# 2. From a container: the host's loopback service by name, DNS through the
+#    host's resolver, and the other container through its published port.
+hull run --rm --add-host extra.test:10.9.9.9 busybox sh -c '
+  echo "host-svc=$(wget -q -T 5 -O - http://host.hull.internal:8000/)"
+  echo "docker-name=$(wget -q -T 5 -O - http://host.docker.internal:8000/)"
+  echo "via-port=$(wget -q -T 5 -O - http://host.hull.internal:8080/)"
+  echo "dns=$(nslookup db.test.internal 2>&1 | grep -c 203.0.113.7)"
+  echo "mtu=$(cat /sys/class/net/eth0/mtu)"
+  echo "ifs=$(ls /sys/class/net | tr "\n" " ")"
+  grep -q "10.9.9.9.*extra.test" /etc/hosts && echo hosts-extra=yes
+  grep nameserver /etc/resolv.conf | sed "s/^/resolv=/"
+  ip route | grep default | sed "s/^/route=/"
+'
+echo run-client=$?
+# 3. UDP through -p .../udp: an echo server in the container.
+hull run -d --name echo -p 127.0.0.1:5353:5353/udp nettools socat UDP4-RECVFROM:5353,fork EXEC:/bin/cat >/dev/null
+echo run-echo=$?
+for i in $(seq 1 60); do r=$(echo ping-udp | socat -T 2 - UDP4:127.0.0.1:5353 2>/dev/null); [ -n "$r" ] && break; sleep 1; done
+echo "udp=$r"
+# 4. --network none: only lo, and the host is unreachable at once.
+hull run --rm --network none busybox sh -c '
+  echo "none-ifs=$(ls /sys/class/net | tr "\n" " ")"
+  t0=$(cut -d" " -f1 /proc/uptime)
+  wget -q -T 10 -O - http://10.0.2.2:8000/ 2>/dev/null; echo "none-wget=$?"
+  t1=$(cut -d" " -f1 /proc/uptime)
+  echo "none-fast=$(awk -v a=$t0 -v b=$t1 "BEGIN { print (b - a < 3) ? \"yes\" : \"no\" }")"
+'
+# 5. Stopping a container frees its port at once: the same -p works again.
+hull stop -t 2 web >/dev/null; echo stop=$?
+hull run -d --name web2 -p 8080:80 busybox sleep 100 >/dev/null; echo rerun=$?
+# A port in use is one line, exit 125, and no container is left.
+hull run -d -p 8080:80 busybox true 2>/tmp/inuse; echo inuse=$?
+echo "inuse-lines=$(wc -l < /tmp/inuse)"; cat /tmp/inuse
+hull rm -f web2 echo >/dev/null
+"#
+    );
+    let script = format!(
+        "{PRELUDE}{NEW_ROOT}cat > /newroot/inner.sh <<'HULL_INNER_EOF'\n{inner}\nHULL_INNER_EOF\n{ENTER_NEW_ROOT}"
+    );
+    let run = host.run(&script);
+    println!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    let out = &run.stdout;
+    assert_eq!(value(out, "import="), Some("0"), "{out}");
+    assert_eq!(value(out, "run-web="), Some("0"), "{out}");
+    assert_eq!(value(out, "page="), Some("container-page"), "{out}");
+    assert_eq!(value(out, "port="), Some("80/tcp -> 0.0.0.0:8080"), "{out}");
+    assert_eq!(value(out, "port-80="), Some("0.0.0.0:8080"), "{out}");
+    assert_eq!(value(out, "ps-ports="), Some("1"), "{out}");
+    assert!(out.contains("\"IPAddress\": \"10.0.2.15\""), "{out}");
+    assert!(out.contains("\"Gateway\": \"10.0.2.2\""), "{out}");
+    assert!(out.contains("\"HostPort\": \"8080\""), "{out}");
+    assert_eq!(value(out, "host-svc="), Some("host-page"), "{out}");
+    assert_eq!(value(out, "docker-name="), Some("host-page"), "{out}");
+    assert_eq!(value(out, "via-port="), Some("container-page"), "{out}");
+    assert_eq!(value(out, "dns="), Some("1"), "{out}");
+    assert_eq!(value(out, "mtu="), Some("65520"), "{out}");
+    assert_eq!(value(out, "ifs="), Some("eth0 lo"), "{out}");
+    assert_eq!(value(out, "hosts-extra="), Some("yes"), "{out}");
+    assert_eq!(value(out, "resolv="), Some("nameserver 10.0.2.3"), "{out}");
+    assert!(
+        value(out, "route=").is_some_and(|r| r.contains("via 10.0.2.2 dev eth0")),
+        "{out}"
+    );
+    assert_eq!(value(out, "run-client="), Some("0"), "{out}");
+    assert_eq!(value(out, "run-echo="), Some("0"), "{out}");
+    assert_eq!(value(out, "udp="), Some("ping-udp"), "{out}");
+    assert_eq!(value(out, "none-ifs="), Some("lo"), "{out}");
+    assert!(value(out, "none-wget=").is_some_and(|c| c != "0"), "{out}");
+    assert_eq!(value(out, "none-fast="), Some("yes"), "{out}");
+    assert_eq!(value(out, "stop="), Some("0"), "{out}");
+    assert_eq!(
+        value(out, "rerun="),
+        Some("0"),
+        "the port was not freed: {out}"
+    );
+    assert_eq!(value(out, "inuse="), Some("125"), "{out}");
+    assert_eq!(value(out, "inuse-lines="), Some("1"), "{out}");
+    assert!(out.contains("already in use"), "{out}");
+}
+
+/// `hull run` with `args` natively (no VM can start here: errors must come
+/// before one); returns (status, stderr).
+fn hull_run(root: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(hull_bin())
+        .env("HULL_ROOT", root)
+        .env("HULL_KERNEL", "/nonexistent/vmlinux")
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_network_flags_are_one_line_errors_before_any_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let in_use = format!("127.0.0.1:{port}:80");
+    for (args, needle) in [
+        (vec!["-p", "8080:abc"], "invalid -p"),
+        (vec!["-p", "80:80/sctp"], "not tcp or udp"),
+        (vec!["-p", "1:2:3:4"], "invalid -p"),
+        (vec!["--network", "bogus"], "unknown network"),
+        (
+            vec!["--network", "none", "-p", "80:80"],
+            "publishes nothing",
+        ),
+        (vec!["--dns", "not-an-ip"], "invalid --dns"),
+        (vec!["--add-host", "nocolon"], "invalid --add-host"),
+        (vec!["-p", &in_use], "already in use"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["busybox", "true"]);
+        let (code, err) = hull_run(tmp.path(), &all);
+        assert_eq!(code, 125, "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // Nothing was recorded.
+    let containers = tmp.path().join("containers");
+    let left = std::fs::read_dir(&containers).map_or(0, Iterator::count);
+    assert_eq!(left, 0, "containers left behind");
+    // No passt on PATH: the error names the package.
+    let (code, err) = {
+        let out = Command::new(hull_bin())
+            .env("HULL_ROOT", tmp.path())
+            .env("PATH", "/nonexistent")
+            .args(["run", "busybox", "true"])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("apt-get install passt"), "{err}");
+    drop(busy);
+}
