@@ -293,3 +293,13 @@ fn a_pvm_host_is_refused_with_an_explanation() {
     assert_eq!(code, 125);
     assert_one_line_error(&err, "is the PVM hypervisor (kernel module kvm_pvm)");
 }
+
+/// The VMM names the control port and the guest init looks it up by that
+/// name: two crates, one fact.
+#[test]
+fn host_and_guest_agree_on_the_control_port_name() {
+    assert_eq!(
+        devices::virtio::CONSOLE_PORT_NAME,
+        guest_init::init::channel::PORT_NAME
+    );
+}

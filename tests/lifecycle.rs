@@ -180,8 +180,9 @@ fn exec_runs_in_the_running_container_with_its_own_status_env_and_stdin() {
     let run = host_run(
         r#"
 hull run -d --name box -e FOO=from-run busybox sh -c 'echo hi > /tmp/made-by-main; sleep 1000' >/dev/null
-# Straight after `run -d`: the exec waits for the container's process to run.
-out=$(hull exec box sh -c 'cat /tmp/made-by-main; echo "FOO=$FOO"; exit 4'); echo "exec=$?"
+# Straight after `run -d`: the exec waits for the container's process to run
+# (which may not have written its file yet: wait for it, bounded).
+out=$(hull exec box sh -c 'for i in $(seq 100); do [ -e /tmp/made-by-main ] && break; sleep 0.1; done; cat /tmp/made-by-main; echo "FOO=$FOO"; exit 4'); echo "exec=$?"
 echo "$out" | sed 's/^/out: /'
 echo "env-override=$(hull exec -e FOO=from-exec box sh -c 'echo $FOO')"
 echo "stdin=$(echo piped | hull exec -i box cat)"

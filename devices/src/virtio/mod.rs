@@ -92,7 +92,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{concat_layout, Block, BlockError, SECTOR_SIZE};
-pub use console::Console;
+pub use console::{Console, PORT_NAME as CONSOLE_PORT_NAME};
 pub use fs::{FsError, VhostUserFs, MAX_TAG_LEN};
 pub use mmio::{mmio_cmdline_fragment, MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
@@ -368,6 +368,25 @@ impl Active {
             source,
         })?;
         Ok(Some((head, bufs)))
+    }
+
+    /// Asks the driver not to notify queue `q` while the device is draining
+    /// it anyway (`VRING_USED_F_NO_NOTIFY`): a guest writing fast then costs
+    /// one VM exit per batch instead of one per buffer.
+    fn suppress_notifications(&mut self, q: usize) {
+        if let Some(queue) = self.queues.get_mut(q).filter(|queue| queue.ready()) {
+            let _ = queue.disable_notification(&self.mem);
+        }
+    }
+
+    /// Asks for notifications of queue `q` again, before the device goes
+    /// idle on it; true when the driver added chains in the meantime (take
+    /// them now: no notification will come for them).
+    fn resume_notifications(&mut self, q: usize) -> bool {
+        match self.queues.get_mut(q).filter(|queue| queue.ready()) {
+            Some(queue) => queue.enable_notification(&self.mem).unwrap_or(true),
+            None => false,
+        }
     }
 
     /// Puts `head` back on the used ring of queue `q`, `len` bytes written.

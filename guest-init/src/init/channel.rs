@@ -1,4 +1,6 @@
-//! The control channel to the host (`/dev/hvc0`, a tty put in raw mode).
+//! The control channel to the host: virtio-console's port 0, a generic port
+//! (`/dev/vport0p0`) when the device offers multiport (hull's does), else the
+//! console `/dev/hvc0` (a tty, put in raw mode).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -7,8 +9,28 @@ use std::time::{Duration, Instant};
 use crate::protocol::{Frame, FrameDecoder, ProtocolError};
 use crate::sys;
 
-/// Path of the channel's device.
-pub const DEVICE: &str = "/dev/hvc0";
+/// What the channel is, for messages.
+pub const DEVICE: &str = "the control port (virtio-console)";
+/// The name the host's device gives the port: the same as
+/// `devices::virtio::CONSOLE_PORT_NAME` (hull's tests check they agree).
+pub const PORT_NAME: &str = "hull.control";
+/// The same port when the device is not multiport: a console.
+const CONSOLE_DEVICE: &str = "/dev/hvc0";
+
+/// `/dev/vportNpM` of the generic port named [`PORT_NAME`], if the driver
+/// has added it (N is the virtio device's index, so it is looked up).
+fn named_port() -> Option<String> {
+    for ent in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let mut name = Vec::new();
+        let read = std::fs::File::open(ent.path().join("name"))
+            .and_then(|f| io::Read::read_to_end(&mut io::Read::take(f, 64), &mut name));
+        if read.is_ok() && name.trim_ascii_end() == PORT_NAME.as_bytes() {
+            return Some(format!("/dev/{}", ent.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
 /// How long to wait for the device to appear.
 const OPEN_WAIT: Duration = Duration::from_secs(5);
 
@@ -31,16 +53,27 @@ impl Channel {
     pub fn open(start: Instant) -> io::Result<Self> {
         // virtio-console may add its port (and devtmpfs the node) after the
         // init has started: wait for it a little.
-        let path = sys::cstr(DEVICE.as_bytes())?;
         let deadline = start + OPEN_WAIT;
         let fd = loop {
-            match sys::open(&path, libc::O_RDWR | libc::O_NOCTTY, 0) {
+            let path = named_port().unwrap_or_else(|| CONSOLE_DEVICE.to_string());
+            match sys::open(
+                &sys::cstr(path.as_bytes())?,
+                libc::O_RDWR | libc::O_NOCTTY,
+                0,
+            ) {
+                // Not there yet (the port's node comes after the device's
+                // handshake, or the hvc console after its driver).
                 Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 other => break other?,
             }
         };
+        // SAFETY: valid descriptor.
+        if unsafe { libc::isatty(fd.as_raw_fd()) } == 0 {
+            // A generic port: already a clean byte pipe.
+            return Ok(Self::from_fd(fd, start));
+        }
         // SAFETY: `termios` is plain data; all-zero is a valid value to fill.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and out pointer.
