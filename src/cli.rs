@@ -234,6 +234,43 @@ pub struct RunArgs {
     /// max-file=N (default 2).
     #[arg(long = "log-opt", value_name = "KEY=VALUE")]
     pub log_opt: Vec<String>,
+    /// Bind mount a host directory (HOSTDIR:CTRDIR[:ro]), mount a named
+    /// volume (NAME:CTRDIR[:ro], created if missing) or an anonymous one (CTRDIR).
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
+    pub volume: Vec<String>,
+    /// A mount, docker's syntax: type=bind|volume|tmpfs,source=...,target=...[,readonly].
+    #[arg(long = "mount", value_name = "type=...,target=...")]
+    pub mount: Vec<String>,
+    /// Mount a tmpfs (CTRDIR[:size=SIZE,mode=MODE,exec]).
+    #[arg(long = "tmpfs", value_name = "CTRDIR[:OPTIONS]")]
+    pub tmpfs: Vec<String>,
+    /// Make the container's root file system read-only (its mounts stay writable).
+    #[arg(long = "read-only")]
+    pub read_only: bool,
+    /// Add a capability to docker's default set (e.g. NET_ADMIN; ALL for all).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from docker's default set (ALL for all).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Every capability, writable /sys and cgroups, /proc unmasked, more devices.
+    #[arg(long)]
+    pub privileged: bool,
+    /// A resource limit, NAME=SOFT[:HARD] (e.g. nofile=1024:2048; -1 is unlimited).
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
+    /// A kernel parameter (e.g. net.ipv4.ip_forward=1).
+    #[arg(long = "sysctl", value_name = "KEY=VALUE")]
+    pub sysctl: Vec<String>,
+    /// Size of /dev/shm (docker notation, default 64m).
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    pub shm_size: Option<String>,
+    /// Run a small init as PID 1 that forwards signals and reaps zombies.
+    #[arg(long)]
+    pub init: bool,
+    /// The signal `hull stop` sends first (default: the image's, else SIGTERM).
+    #[arg(long = "stop-signal", value_name = "SIGNAL")]
+    pub stop_signal: Option<String>,
     /// Publish a container port on the host: [IP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]
     /// (ranges as 8000-8010:80-90; no HOSTPORT: a free one).
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:CTR")]
@@ -254,19 +291,6 @@ pub struct RunArgs {
     /// Add a line to the container's /etc/hosts (IP may be host-gateway).
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
-    /// Bind mount a host directory (HOSTDIR:CTRDIR[:ro]), mount a named
-    /// volume (NAME:CTRDIR[:ro], created if missing) or an anonymous one (CTRDIR).
-    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
-    pub volume: Vec<String>,
-    /// A mount, docker's syntax: type=bind|volume|tmpfs,source=...,target=...[,readonly].
-    #[arg(long = "mount", value_name = "type=...,target=...")]
-    pub mount: Vec<String>,
-    /// Mount a tmpfs (CTRDIR[:size=SIZE,mode=MODE,exec]).
-    #[arg(long = "tmpfs", value_name = "CTRDIR[:OPTIONS]")]
-    pub tmpfs: Vec<String>,
-    /// Make the container's root file system read-only (its mounts stay writable).
-    #[arg(long = "read-only")]
-    pub read_only: bool,
     /// The guest kernel (default: the cached `hull kernel build`).
     #[arg(long, env = "HULL_KERNEL", hide = true)]
     pub kernel: Option<PathBuf>,

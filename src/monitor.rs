@@ -154,6 +154,8 @@ struct Monitor {
     held: Vec<Frame>,
     /// Bytes of `held`, counted against the guest queue's bound.
     held_bytes: usize,
+    /// What `hull stop` sends first (`--stop-signal`, the image's, SIGTERM).
+    stop_signal: i32,
 }
 
 fn log_line(stream: &str, data: &[u8]) -> Vec<u8> {
@@ -357,7 +359,7 @@ impl Monitor {
             }
             Request::Stop { timeout_secs } => {
                 client.role = Role::Waiting;
-                self.signal_main(libc::SIGTERM);
+                self.signal_main(self.stop_signal);
                 let deadline = Instant::now()
                     .checked_add(Duration::from_secs(timeout_secs))
                     .unwrap_or_else(Instant::now);
@@ -670,6 +672,7 @@ fn run_locked(
         main_running: false,
         held: Vec::new(),
         held_bytes: 0,
+        stop_signal: container.config.spec.security.stop_signal,
     };
     let looped = monitor.run(&listener);
     if looped.is_err() {

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
 
-use guest_init::spec::{RootfsSpec, RunSpec, IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL};
+use guest_init::spec::{RootfsSpec, RunSpec, SecuritySpec, IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL};
 use images::{Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
@@ -104,6 +104,58 @@ pub fn parse_cpus(text: &str) -> Result<u8> {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let n = v.ceil() as u8;
     Ok(n)
+}
+
+/// The container's confinement from the flags (docker's rules): validated
+/// here, before any image or VM.
+///
+/// # Errors
+/// A bad capability, limit, parameter, size or signal (one line each).
+fn security_spec(args: &RunArgs) -> Result<SecuritySpec> {
+    use guest_init::security as sec;
+    let mut spec = SecuritySpec {
+        capabilities: sec::capabilities(&args.cap_add, &args.cap_drop, args.privileged)
+            .map_err(usage)?,
+        privileged: args.privileged,
+        init: args.init,
+        ..SecuritySpec::default()
+    };
+    let ulimits = args
+        .ulimit
+        .iter()
+        .map(|u| sec::parse_ulimit(u))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(usage)?;
+    spec.ulimits = sec::merge_ulimits(ulimits);
+    for s in &args.sysctl {
+        let (k, v) = sec::parse_sysctl(s).map_err(usage)?;
+        spec.sysctls.retain(|(old, _)| *old != k);
+        spec.sysctls.push((k, v));
+    }
+    if let Some(size) = &args.shm_size {
+        spec.shm_size = match parse_size(size) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(usage(format!(
+                    "invalid --shm-size {size:?}: use e.g. 64m or 1g"
+                )))
+            }
+        };
+    }
+    if let Some(sig) = &args.stop_signal {
+        spec.stop_signal =
+            sec::parse_signal(sig).map_err(|e| usage(format!("--stop-signal: {e}")))?;
+    }
+    spec.memory_bytes = parse_size(&args.memory).unwrap_or(0);
+    // The quota docker sets for --cpus (validated by parse_cpus).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let millis = args
+        .cpus
+        .trim()
+        .parse::<f64>()
+        .map_or(0, |c| (c * 1000.0).round().max(0.0) as u64);
+    spec.cpu_millis = millis;
+    Ok(spec)
 }
 
 /// Reads an env file as docker does: `KEY=VALUE` or `KEY` lines, `#` comments.
@@ -237,6 +289,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let log = crate::logfile::LogOptions::parse(&args.log_opt)?;
     let net_flags = crate::network::flags(args);
     crate::network::check_flags(&net_flags)?;
+    let mut security = security_spec(args)?;
     let mut env_files = Vec::new();
     for f in &args.env_file {
         env_files.extend(read_env_file(f)?);
@@ -246,6 +299,12 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let config = image.config.config().clone().unwrap_or_default();
     crate::volume::add_image_volumes(&mut mounts, &config.volumes().clone().unwrap_or_default());
     crate::volume::sort_for_mounting(&mut mounts);
+    if args.stop_signal.is_none() {
+        if let Some(sig) = config.stop_signal().as_deref().filter(|s| !s.is_empty()) {
+            security.stop_signal = guest_init::security::parse_signal(sig)
+                .map_err(|e| usage(format!("the image's StopSignal: {e}")))?;
+        }
+    }
     let argv = command_line(&image, args.entrypoint.as_deref(), &args.command)?;
     // Host ports are chosen and checked free before the image disk is built.
     let exposed = config.exposed_ports().clone().unwrap_or_default();
@@ -294,6 +353,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
             build: None,
         },
         network: net.spec,
+        security,
         mounts: crate::volume::guest_mounts(&mounts),
         read_only: args.read_only,
     };

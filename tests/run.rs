@@ -277,7 +277,12 @@ fn stdout_and_stderr_stay_apart_and_exit_codes_pass_through() {
         "three",
         &format!("hull run --rm {img} sh -c 'echo out3; echo err3 >&2; exit 3'"),
     );
-    script += &r("killed", &format!("hull run --rm {img} sh -c 'kill -9 $$'"));
+    // With --init the shell is not PID 1 of its pid namespace (PID 1 cannot
+    // be killed from inside, as under docker), so it dies of its SIGKILL.
+    script += &r(
+        "killed",
+        &format!("hull run --rm --init {img} sh -c 'kill -9 $$'"),
+    );
     let run = lab.boot(&script);
 
     let ok = Step::of(&run, "ok");
@@ -668,7 +673,12 @@ for d in /sys/block/*; do
     dd if=/dev/zero of=/tmp/$n bs=4096 count=1 seek=1 conv=notrunc && echo raw-write=$n
   fi
 done; echo attack-done"#;
-    let mut script = r("attack", &format!("hull run --rm {img} sh -c '{attack}'"));
+    // --privileged: docker's worst case (every capability, so mknod, mount
+    // and blockdev are all allowed); the image disk must still hold.
+    let mut script = r(
+        "attack",
+        &format!("hull run --rm --privileged {img} sh -c '{attack}'"),
+    );
     script += &r("after", &format!("hull run --rm {img} head -1 /etc/passwd"));
     let run = lab.boot(&script);
 

@@ -10,6 +10,7 @@
 pub mod command;
 pub mod init;
 pub mod protocol;
+pub mod security;
 pub mod spec;
 pub mod sys;
 pub mod unpack;

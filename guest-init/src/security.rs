@@ -335,7 +335,11 @@ pub fn parse_signal(text: &str) -> Result<i32, String> {
     let bad = || format!("invalid signal {text:?}: use a name like SIGTERM or a number");
     let t = text.trim();
     if let Ok(n) = t.parse::<i32>() {
-        return if (1..=64).contains(&n) { Ok(n) } else { Err(bad()) };
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad())
+        };
     }
     let upper = t.to_ascii_uppercase();
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -343,17 +347,29 @@ pub fn parse_signal(text: &str) -> Result<i32, String> {
         let off: i32 = if rest.is_empty() {
             0
         } else {
-            rest.strip_prefix('+').and_then(|n| n.parse().ok()).ok_or_else(bad)?
+            rest.strip_prefix('+')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?
         };
-        return if (0..=30).contains(&off) { Ok(34 + off) } else { Err(bad()) };
+        return if (0..=30).contains(&off) {
+            Ok(34 + off)
+        } else {
+            Err(bad())
+        };
     }
     if let Some(rest) = name.strip_prefix("RTMAX") {
         let off: i32 = if rest.is_empty() {
             0
         } else {
-            rest.strip_prefix('-').and_then(|n| n.parse().ok()).ok_or_else(bad)?
+            rest.strip_prefix('-')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?
         };
-        return if (0..=30).contains(&off) { Ok(64 - off) } else { Err(bad()) };
+        return if (0..=30).contains(&off) {
+            Ok(64 - off)
+        } else {
+            Err(bad())
+        };
     }
     SIGNALS
         .iter()
@@ -430,7 +446,10 @@ mod tests {
         assert!(parse_ulimit("nofile=2000000").is_err());
         let merged = merge_ulimits(vec![parse_ulimit("nofile=100").unwrap()]);
         assert_eq!(merged.len(), 3);
-        assert_eq!(merged.iter().find(|u| u.name == "nofile").unwrap().soft, 100);
+        assert_eq!(
+            merged.iter().find(|u| u.name == "nofile").unwrap().soft,
+            100
+        );
     }
 
     #[test]
@@ -447,7 +466,15 @@ mod tests {
             sysctl_path("net/ipv4/conf/eth0.1/rp_filter"),
             "/proc/sys/net/ipv4/conf/eth0.1/rp_filter"
         );
-        for bad in ["x", "=1", "a..b=1", "../etc=1", "/abs=1", "a b=1", "net/../x=1"] {
+        for bad in [
+            "x",
+            "=1",
+            "a..b=1",
+            "../etc=1",
+            "/abs=1",
+            "a b=1",
+            "net/../x=1",
+        ] {
             assert!(parse_sysctl(bad).is_err(), "{bad}");
         }
     }

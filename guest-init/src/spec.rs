@@ -27,6 +27,13 @@ pub struct RunSpec {
     pub stdin: bool,
     /// Where the container's root filesystem comes from.
     pub rootfs: RootfsSpec,
+    /// The container's network: its interface (none: loopback only), resolvers and hosts.
+    #[serde(default)]
+    pub network: NetworkSpec,
+    /// What the container's processes may do and see (capabilities, limits,
+    /// `/proc` masks, cgroup limits, `--init`...), by docker's rules.
+    #[serde(default)]
+    pub security: SecuritySpec,
     /// Volumes, bind mounts and tmpfs mounts, in the order they are mounted
     /// (a parent before what is mounted inside it).
     #[serde(default)]
@@ -34,9 +41,6 @@ pub struct RunSpec {
     /// The container's root is read-only (`--read-only`); its mounts are not.
     #[serde(default)]
     pub read_only: bool,
-    /// The container's network: its interface (none: loopback only), resolvers and hosts.
-    #[serde(default)]
-    pub network: NetworkSpec,
 }
 
 /// One mount in the container, as the init makes it.
@@ -93,6 +97,60 @@ pub fn volume_disk_serial(n: usize) -> String {
 #[must_use]
 pub fn share_tag(n: usize) -> String {
     format!("hull-share-{n}")
+}
+
+/// The container's confinement and the limits it sees, as docker gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecuritySpec {
+    /// The capabilities of the container's root (`CAP_X` names; a non-root
+    /// user starts with none, as under docker); also the bounding set.
+    pub capabilities: Vec<String>,
+    /// `--privileged`: every capability, `/sys` and `/sys/fs/cgroup`
+    /// writable, `/proc` unmasked, more devices in `/dev`.
+    pub privileged: bool,
+    /// Resource limits (defaults merged with `--ulimit`).
+    pub ulimits: Vec<crate::security::Ulimit>,
+    /// Kernel parameters set before the process starts (docker's defaults,
+    /// then `--sysctl`).
+    pub sysctls: Vec<(String, String)>,
+    /// Size of `/dev/shm` in bytes (`--shm-size`, docker's default 64 MiB).
+    pub shm_size: u64,
+    /// `--init`: a small reaper is PID 1 of the container, the command its child.
+    pub init: bool,
+    /// The signal `hull stop` sends first (`--stop-signal`, the image's
+    /// `StopSignal`, else SIGTERM).
+    pub stop_signal: i32,
+    /// The container cgroup's `memory.max` in bytes (the VM's memory); 0: none.
+    pub memory_bytes: u64,
+    /// The container cgroup's CPU quota in thousandths of a CPU (`--cpus`
+    /// 1.5 is 1500: `cpu.max` 150000 100000); 0: none.
+    pub cpu_millis: u64,
+}
+
+/// docker's default `/dev/shm` size.
+pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
+
+impl Default for SecuritySpec {
+    fn default() -> Self {
+        Self {
+            capabilities: crate::security::DOCKER_DEFAULT
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            privileged: false,
+            ulimits: crate::security::default_ulimits(),
+            sysctls: crate::security::DEFAULT_SYSCTLS
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            shm_size: DEFAULT_SHM_SIZE,
+            init: false,
+            stop_signal: 15,
+            memory_bytes: 0,
+            cpu_millis: 0,
+        }
+    }
 }
 
 /// The container's network as the init sets it up.

@@ -13,6 +13,7 @@ pub mod mounts;
 pub mod net;
 pub mod process;
 pub mod rootfs;
+pub mod security;
 pub mod volumes;
 
 use std::ffi::CString;
@@ -139,7 +140,7 @@ impl Init {
         }
         rootfs::build(&spec.rootfs, &mut self.mounted)?;
         volumes::mount_all(rootfs::NEW_ROOT, &spec.mounts)?;
-        mounts::container(rootfs::NEW_ROOT)?;
+        mounts::container(rootfs::NEW_ROOT, &spec.security)?;
         mounts::switch_root(rootfs::NEW_ROOT)?;
         self.switched = true;
         for n in mounts::etc_files(&spec.hostname) {
@@ -148,6 +149,9 @@ impl Init {
         mounts::set_hostname(&spec.hostname).map_err(|e| runtime("sethostname", &e))?;
         mounts::loopback_up();
         for n in net::setup(&spec.network, &spec.hostname)? {
+            self.note(n);
+        }
+        for n in security::prepare(&spec.security)? {
             self.note(n);
         }
         if spec.read_only {
@@ -294,6 +298,8 @@ struct Launch<'a> {
     /// The main process: its working directory is created when missing and
     /// its pty is also `/dev/console`.
     main: bool,
+    /// Its namespaces, capabilities and limits.
+    confine: security::Confinement,
 }
 
 fn prepare_main(
@@ -310,6 +316,7 @@ fn prepare_main(
         stdin: spec.stdin,
         winsize,
         main: true,
+        confine: security::for_main(&spec.security),
     })
 }
 
@@ -336,6 +343,7 @@ pub(crate) fn prepare_exec(
         stdin: exec.stdin,
         winsize,
         main: false,
+        confine: security::for_exec(&spec.security)?,
     })
 }
 
@@ -386,6 +394,7 @@ fn prepare(l: &Launch<'_>) -> Result<process::Prepared, StartError> {
         stdin: l.stdin,
         winsize: l.winsize,
         console: l.main,
+        confine: l.confine.clone(),
     })
 }
 

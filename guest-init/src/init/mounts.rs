@@ -99,12 +99,39 @@ const DEV_LINKS: &[(&str, &str)] = &[
     ("core", "/proc/kcore"),
 ];
 
+/// More nodes for `--privileged` (docker gives the host's whole `/dev`; the
+/// VM's disks stay out: they are hull's, never the container's).
+const PRIVILEGED_DEVICES: &[(&str, libc::mode_t, u32, u32)] = &[
+    ("kmsg", libc::S_IFCHR, 1, 11),
+    ("fuse", libc::S_IFCHR, 10, 229),
+    ("net/tun", libc::S_IFCHR, 10, 200),
+    ("loop-control", libc::S_IFCHR, 10, 237),
+    ("loop0", libc::S_IFBLK, 7, 0),
+    ("loop1", libc::S_IFBLK, 7, 1),
+    ("loop2", libc::S_IFBLK, 7, 2),
+    ("loop3", libc::S_IFBLK, 7, 3),
+];
+
+fn mknod_666(p: &str, kind: libc::mode_t, major: u32, minor: u32) -> Result<(), StartError> {
+    let c = sys::cstr(p.as_bytes()).map_err(|e| runtime("mknod", &e))?;
+    // SAFETY: valid C string.
+    sys::check(unsafe { libc::mknod(c.as_ptr(), kind | 0o666, sys::makedev(major, minor)) })
+        .and_then(|_| {
+            // SAFETY: valid C string; the node was just made (umask cleared 0o022).
+            sys::check(unsafe { libc::chmod(c.as_ptr(), 0o666) })
+        })
+        .map(|_| ())
+        .map_err(|e| runtime(&format!("mknod {p}"), &e))
+}
+
 /// Mounts the container's `/proc`, `/sys` (read-only), `/dev` (a tmpfs with
-/// the standard nodes and links), `/dev/pts` and `/dev/shm` under `root`.
+/// docker's nodes and links), `/dev/pts`, `/dev/shm` (`--shm-size`) and
+/// `/dev/mqueue` under `root`. (The main process mounts its own `/proc` and
+/// `/sys/fs/cgroup` over these in its namespaces: `security::enter`.)
 ///
 /// # Errors
 /// A mount or node could not be made.
-pub fn container(root: &str) -> Result<(), StartError> {
+pub fn container(root: &str, security: &crate::spec::SecuritySpec) -> Result<(), StartError> {
     mount_at(
         "proc",
         &format!("{root}/proc"),
@@ -128,15 +155,13 @@ pub fn container(root: &str) -> Result<(), StartError> {
         Some("mode=755,size=65536k"),
     )?;
     for &(name, kind, major, minor) in DEVICES {
-        let p = format!("{dev}/{name}");
-        let c = sys::cstr(p.as_bytes()).map_err(|e| runtime("mknod", &e))?;
-        // SAFETY: valid C string.
-        sys::check(unsafe { libc::mknod(c.as_ptr(), kind | 0o666, sys::makedev(major, minor)) })
-            .and_then(|_| {
-                // SAFETY: valid C string; the node was just made (umask cleared 0o022).
-                sys::check(unsafe { libc::chmod(c.as_ptr(), 0o666) })
-            })
-            .map_err(|e| runtime(&format!("mknod {p}"), &e))?;
+        mknod_666(&format!("{dev}/{name}"), kind, major, minor)?;
+    }
+    if security.privileged {
+        ensure_dir(&format!("{dev}/net")).map_err(|e| runtime("mkdir /dev/net", &e))?;
+        for &(name, kind, major, minor) in PRIVILEGED_DEVICES {
+            mknod_666(&format!("{dev}/{name}"), kind, major, minor)?;
+        }
     }
     for &(name, target) in DEV_LINKS {
         let p = format!("{dev}/{name}");
@@ -154,7 +179,17 @@ pub fn container(root: &str) -> Result<(), StartError> {
         &format!("{dev}/shm"),
         "tmpfs",
         NOSUID | NODEV | NOEXEC,
-        Some("mode=1777,size=65536k"),
+        Some(&format!(
+            "mode=1777,size={}k",
+            security.shm_size.div_ceil(1024)
+        )),
+    )?;
+    mount_at(
+        "mqueue",
+        &format!("{dev}/mqueue"),
+        "mqueue",
+        NOSUID | NODEV | NOEXEC,
+        None,
     )?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::command::{os_message, StartError};
+use crate::init::security;
 use crate::sys;
 
 /// Everything the child needs, prepared before the fork.
@@ -37,6 +38,8 @@ pub struct Prepared {
     pub winsize: Option<(u16, u16)>,
     /// With a tty: make it `/dev/console` too (the main process's).
     pub console: bool,
+    /// How it enters the container and what it may do there.
+    pub confine: crate::init::security::Confinement,
 }
 
 /// The running process, seen from the init.
@@ -145,6 +148,10 @@ pub fn spawn(p: &Prepared) -> Result<Child, StartError> {
         }
     };
     let (status_r, status_w) = sys::pipe().map_err(|e| runtime("pipe", &e))?;
+    let creates = matches!(p.confine.entry, security::Entry::Create { .. });
+    if creates {
+        security::new_pid_namespace()?;
+    }
     let argv: Vec<*const libc::c_char> = p
         .argv
         .iter()
@@ -191,6 +198,9 @@ pub fn spawn(p: &Prepared) -> Result<Child, StartError> {
             String::from_utf8_lossy(&report[4..]).into_owned(),
         ));
     }
+    if creates {
+        security::record_main(pid)?;
+    }
     for fd in [&child.pty, &child.stdin, &child.stdout, &child.stderr]
         .into_iter()
         .flatten()
@@ -216,6 +226,25 @@ fn fail_os(status: RawFd, code: i32, what: &str) -> ! {
     fail(status, code, &format!("{what}: {}", os_message(&e)))
 }
 
+/// Limits, user, groups and capabilities, in the child.
+fn become_user(p: &Prepared) -> Result<(), String> {
+    security::limit(&p.confine)?;
+    let os = |what: &str| format!("{what}: {}", os_message(&io::Error::last_os_error()));
+    // SAFETY: plain calls with a valid groups buffer.
+    unsafe {
+        if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
+            return Err(os("setgroups"));
+        }
+        if libc::setgid(p.gid) < 0 {
+            return Err(os("setgid"));
+        }
+        if libc::setuid(p.uid) < 0 {
+            return Err(os("setuid"));
+        }
+    }
+    security::drop_privileges(&p.confine)
+}
+
 /// The child after the fork: never returns.
 fn child_main(
     p: &Prepared,
@@ -232,6 +261,21 @@ fn child_main(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         for sig in [libc::SIGPIPE, libc::SIGCHLD] {
             libc::signal(sig, libc::SIG_DFL);
+        }
+        if let Err(m) = security::enter(&p.confine) {
+            fail(status, 125, &m);
+        }
+        if p.confine.reaper {
+            let mut theirs = vec![status];
+            match io {
+                ChildIo::Pipes {
+                    stdin,
+                    stdout,
+                    stderr,
+                } => theirs.extend([stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()]),
+                ChildIo::Pty { .. } => {}
+            }
+            security::become_reaper(&theirs, || become_user(p).is_ok());
         }
         if libc::setsid() < 0 {
             fail_os(status, 125, "setsid");
@@ -266,14 +310,8 @@ fn child_main(
                 }
             }
         }
-        if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
-            fail_os(status, 125, "setgroups");
-        }
-        if libc::setgid(p.gid) < 0 {
-            fail_os(status, 125, "setgid");
-        }
-        if libc::setuid(p.uid) < 0 {
-            fail_os(status, 125, "setuid");
+        if let Err(m) = become_user(p) {
+            fail(status, 125, &m);
         }
         if libc::chdir(p.cwd.as_ptr()) < 0 {
             let e = io::Error::last_os_error();

@@ -208,8 +208,30 @@ pub fn mount_overlay(lower: &str, scratch: &str, target: &str) -> Result<(), Sta
         mkdirs(&format!("{scratch}/{d}"))?;
     }
     let opts = format!("lowerdir={lower},upperdir={scratch}/upper,workdir={scratch}/work");
-    sys::mount("overlay", target, "overlay", 0, Some(&opts))
-        .map_err(|e| runtime("mount the overlay root", &e))
+    // The image disk and the scratch disk are two file systems: without
+    // `xino` a directory's inode number from readdir (the real one) and from
+    // stat (overlay's own) disagree, and an inode number changes at copy-up.
+    // `xino=on` maps both layers into one inode space (ext4's numbers fit in
+    // 32 bits), so `stat` and `readdir` agree across layers, as on one file
+    // system; `index=on` keeps hard links linked when one is copied up.
+    // Older kernels without them get the plain overlay.
+    let mut last = None;
+    for extra in [",xino=on,index=on", ",xino=on", ""] {
+        match sys::mount(
+            "overlay",
+            target,
+            "overlay",
+            0,
+            Some(&format!("{opts}{extra}")),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(runtime(
+        "mount the overlay root",
+        &last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)),
+    ))
 }
 
 /// Unpacks every layer into [`IMAGE_ROOT`] (cleared first: a disk left by an

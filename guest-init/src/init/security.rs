@@ -261,7 +261,13 @@ fn os(what: &str) -> String {
     )
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> Result<(), String> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
     sys::mount(src, target, fstype, flags, data)
         .map_err(|e| format!("mount {target}: {}", crate::command::os_message(&e)))
 }
@@ -320,7 +326,13 @@ pub fn enter(c: &Confinement) -> Result<(), String> {
             let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
             mount("proc", "/proc", "proc", nosuid, None)?;
             if privileged {
-                mount("", "/sys", "", libc::MS_REMOUNT | libc::MS_BIND | nosuid, None)?;
+                mount(
+                    "",
+                    "/sys",
+                    "",
+                    libc::MS_REMOUNT | libc::MS_BIND | nosuid,
+                    None,
+                )?;
             } else {
                 mask_paths()?;
             }
@@ -429,7 +441,15 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// `capset` failed.
 pub fn drop_privileges(c: &Confinement) -> Result<(), String> {
     // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
     // SAFETY: plain call.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
