@@ -22,14 +22,15 @@ PASS='p() {
 }'
 eval "$PASS"
 hull volume create bench-vol >/dev/null
-hull run --rm busybox true >/dev/null 2>&1 # the built-in image and its disk
+hull run --rm --network none busybox true >/dev/null 2>&1 # the built-in image and its disk
 hw= hr= hf= bw= br= bf= vw= vr= vf= rw= rr= rf=
 for i in $(seq "$N"); do
 	set -- $(p /srv/bench-share)
 	hw="$hw $1" hr="$hr $2" hf="$hf $3"
-	out=$(hull run --rm -v /srv/bench-share:/b -v bench-vol:/v busybox sh -c "$PASS"'
+	out=$(hull run --rm --network none -v /srv/bench-share:/b -v bench-vol:/v busybox sh -c "$PASS"'
 		echo "B $(p /b)"; echo "V $(p /v)"; echo "R $(p /r)"')
 	echo "$out"
+	[ -n "$out" ] || echo "the container run failed"
 	set -- $(echo "$out" | grep '^B ')
 	bw="$bw $2" br="$br $3" bf="$bf $4"
 	set -- $(echo "$out" | grep '^V ')
@@ -45,7 +46,7 @@ row "write ${SIZE_MB} MiB, container root" "$(median $rw)" "$(median $hw)" "over
 row "read ${SIZE_MB} MiB back, bind mount" "$(median $br)" "$(median $hr)" "page cache warm in both; $how" s
 row "read ${SIZE_MB} MiB back, named volume" "$(median $vr)" "$(median $hr)" "as above" s
 row "read ${SIZE_MB} MiB back, container root" "$(median $rr)" "$(median $hr)" "as above" s
-row "create ${FILES} empty files, bind mount" "$(median $bf)" "$(median $hf)" "seq | xargs touch, then sync; $how" s
+row "create ${FILES} empty files, bind mount" "$(median $bf)" "$(median $hf)" "touch (xargs over seq), then sync; $how" s
 row "create ${FILES} empty files, named volume" "$(median $vf)" "$(median $hf)" "as above" s
 row "create ${FILES} empty files, container root" "$(median $rf)" "$(median $hf)" "as above" s
 hull volume rm bench-vol >/dev/null
