@@ -21,8 +21,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{for_each_piece, in_memory, total_len, Buf};
 use super::{
-    read_config_bytes, ActivateError, Active, DeviceError, DeviceQueue, Interrupt, QueueEvents,
-    VirtioDevice, FEATURE_VERSION_1,
+    read_config_bytes, watch_fd, ActivateError, Active, DeviceError, DeviceQueue, Interrupt,
+    QueueEvents, VirtioDevice, FEATURE_VERSION_1,
 };
 
 const NAME: &str = "console";
@@ -452,23 +452,7 @@ impl Console {
                 want |= EventSet::OUT;
             }
         }
-        if want == self.watching {
-            return;
-        }
-        let fd = self.stream.as_raw_fd();
-        let result = if want.is_empty() {
-            ops.remove(Events::empty_raw(fd))
-        } else if self.watching.is_empty() {
-            ops.add(Events::new_raw(fd, want))
-        } else {
-            ops.modify(Events::new_raw(fd, want))
-        };
-        match result {
-            Ok(()) => self.watching = want,
-            Err(e) => {
-                crate::rate_limited!(warn, "virtio-console: cannot watch the host socket: {e:?}");
-            }
-        }
+        watch_fd(ops, self.stream.as_raw_fd(), &mut self.watching, want, NAME);
     }
 }
 

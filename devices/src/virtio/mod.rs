@@ -536,7 +536,31 @@ impl QueueEvents {
     }
 }
 
-/// Splits the queues from their notification events.
+/// Brings what the event loop watches a device's host-side descriptor `fd`
+/// for (`watching`: empty when it is not in epoll) to `want`.
+fn watch_fd(
+    ops: &mut EventOps,
+    fd: std::os::fd::RawFd,
+    watching: &mut EventSet,
+    want: EventSet,
+    name: &str,
+) {
+    if want == *watching {
+        return;
+    }
+    let result = if want.is_empty() {
+        ops.remove(Events::empty_raw(fd))
+    } else if watching.is_empty() {
+        ops.add(Events::new_raw(fd, want))
+    } else {
+        ops.modify(Events::new_raw(fd, want))
+    };
+    match result {
+        Ok(()) => *watching = want,
+        Err(e) => crate::rate_limited!(warn, "virtio-{name}: cannot watch its host end: {e:?}"),
+    }
+}
+
 /// Copies `data` (at `offset`) out of a configuration space.
 fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
