@@ -18,7 +18,7 @@ pub trait BusDevice: Send {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The new range overlaps a range already on the bus.
-    #[error("Bus range {base:#x}+{len:#x} overlaps an existing device")]
+    #[error("bus range {base:#x}+{len:#x} overlaps an existing device")]
     Overlap {
         /// Start of the rejected range.
         base: u64,
@@ -26,7 +26,7 @@ pub enum BusError {
         len: u64,
     },
     /// The range is empty or wraps around the address space.
-    #[error("Bus range {base:#x}+{len:#x} is empty or wraps around")]
+    #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
     InvalidRange {
         /// Start of the rejected range.
         base: u64,

@@ -45,10 +45,10 @@ const ZEROS: [u8; 4096] = [0; 4096];
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The size of the backing file could not be found.
-    #[error("Cannot find the size of the disk image")]
+    #[error("cannot find the size of the disk image")]
     Size(#[source] io::Error),
     /// Creating an eventfd failed.
-    #[error("Cannot create an eventfd")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
 }
 

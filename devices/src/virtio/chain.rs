@@ -18,15 +18,15 @@ pub(crate) struct Buf {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum ChainError {
     /// The head index is past the queue, or the first descriptor is unreadable.
-    #[error("The chain is empty or its head is invalid")]
+    #[error("the chain is empty or its head is invalid")]
     Empty,
     /// The chain ends on a descriptor that announces a next one: a loop, a
     /// next index past the queue, an unreadable descriptor or indirect table,
     /// or more than 4 GiB in all.
-    #[error("The chain is cut short (loop, bad next index or table)")]
+    #[error("the chain is cut short (loop, bad next index or table)")]
     Broken,
     /// More descriptors than the device accepts per request.
-    #[error("The chain has more than {0} descriptors")]
+    #[error("the chain has more than {0} descriptors")]
     TooLong(usize),
     /// A device-readable buffer after a device-writable one.
     #[error("A device-readable buffer follows a device-writable one")]

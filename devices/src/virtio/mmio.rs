@@ -56,7 +56,7 @@ pub fn mmio_cmdline_fragment(base: u64, irq: u32) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A queue size the device announced is not a power of two in 1..=32768.
-    #[error("Invalid maximum size {size} for queue {index}")]
+    #[error("invalid maximum size {size} for queue {index}")]
     QueueSize {
         /// Queue index.
         index: usize,
@@ -64,7 +64,7 @@ pub enum TransportError {
         size: u16,
     },
     /// Creating an eventfd failed.
-    #[error("Cannot create an eventfd")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
 }
 

@@ -124,7 +124,7 @@ pub struct DeviceQueue {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The transport handed over a different number of queues than the device has.
-    #[error("Expected {expected} queues, got {got}")]
+    #[error("expected {expected} queues, got {got}")]
     QueueCount {
         /// Queues the device has.
         expected: usize,
@@ -132,7 +132,7 @@ pub enum ActivateError {
         got: usize,
     },
     /// Waking the event loop failed.
-    #[error("Cannot signal the device's activation")]
+    #[error("cannot signal the device's activation")]
     Signal(#[source] io::Error),
 }
 
@@ -255,27 +255,27 @@ impl Interrupt {
 /// Why a device stopped processing (it then needs a reset).
 #[derive(Debug, thiserror::Error)]
 enum DeviceError {
-    #[error("The available ring of queue {queue} is broken")]
+    #[error("the available ring of queue {queue} is broken")]
     AvailRing {
         queue: usize,
         #[source]
         source: virtio_queue::Error,
     },
-    #[error("Broken descriptor chain (head {head}) on queue {queue}")]
+    #[error("broken descriptor chain (head {head}) on queue {queue}")]
     Chain {
         queue: usize,
         head: u16,
         #[source]
         source: ChainError,
     },
-    #[error("Cannot return a buffer (head {head}) to the used ring of queue {queue}")]
+    #[error("cannot return a buffer (head {head}) to the used ring of queue {queue}")]
     UsedRing {
         queue: usize,
         head: u16,
         #[source]
         source: virtio_queue::Error,
     },
-    #[error("Unusable request (head {head}) on queue {queue}: {why}")]
+    #[error("unusable request (head {head}) on queue {queue}: {why}")]
     Request {
         queue: usize,
         head: u16,
