@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::{EmulatedHost, HostRun};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{install_busybox, run_checked, EmulatedHost, HostRun, OciImage};
 
 /// PATH, the kernel, and `hull run` without a network (these tests need none).
 const PRELUDE: &str = "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin \
@@ -19,8 +22,42 @@ const PRELUDE: &str = "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin 
 /// Debian's virtiofsd (qemu-system-common).
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 
+/// An image whose config declares `Volumes: /data`, with `/data/seed` in
+/// it, as an oci-archive (`volimg:latest`) in `dir`.
+fn image_with_a_volume(dir: &Path) -> PathBuf {
+    common::require_image_tools();
+    let img = OciImage::new(dir);
+    img.layer(|root| {
+        install_busybox(root);
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::write(root.join("data/seed"), "seeded\n").unwrap();
+    });
+    img.config(&[
+        "--config.volume",
+        "/data",
+        "--config.cmd",
+        "/bin/sh",
+        "--config.env",
+        "PATH=/bin",
+    ]);
+    let archive = dir.join("volimg.tar");
+    run_checked(Command::new("skopeo").args([
+        "copy",
+        &format!("oci:{}", img.image_ref()),
+        &format!("oci-archive:{}:volimg:latest", archive.display()),
+    ]));
+    archive
+}
+
 fn host_run(script: &str, virtiofsd: bool) -> HostRun {
+    host_run_with(script, virtiofsd, &[])
+}
+
+fn host_run_with(script: &str, virtiofsd: bool, files: &[(&Path, &str)]) -> HostRun {
     let mut host = EmulatedHost::new().with_hull_runtime().timeout(600);
+    for (src, dest) in files {
+        host = host.file(src, dest);
+    }
     if virtiofsd {
         host = host.tool(VIRTIOFSD, VIRTIOFSD);
     }
@@ -45,7 +82,9 @@ fn expect(out: &str, key: &str, want: &str) {
 
 #[test]
 fn named_volumes_tmpfs_read_only_and_bad_mount_flags() {
-    let run = host_run(
+    let dir = tempfile::tempdir().unwrap();
+    let archive = image_with_a_volume(dir.path());
+    let run = host_run_with(
         r#"
 bad() { hull run --rm "$@" busybox true 2>/tmp/err; echo "code=$? lines=$(wc -l </tmp/err) $(cat /tmp/err)"; }
 echo "bad-hostdir: $(bad -v /nonexistent:/x)"
@@ -86,8 +125,18 @@ hull run --name anon -v /cache busybox sh -c 'echo a > /cache/f'
 echo "anon-volumes=$(hull volume ls -q | wc -l)"
 hull rm anon >/dev/null; hull volume prune
 echo "after-prune=$(hull volume ls -q | tr '\n' ' ')"
+
+# The image's Volumes: an anonymous volume, filled from the image; --rm
+# removes it with the container, a kept container keeps it.
+hull load -i /opt/volimg.tar >/dev/null; echo "load=$?"
+before=$(hull volume ls -q | wc -l)
+echo "image-volume=$(hull run --rm volimg:latest sh -c 'cat /data/seed; grep -c " /data " /proc/mounts' | tr '\n' ' ')"
+echo "after-rm=$(( $(hull volume ls -q | wc -l) - before ))"
+hull run --name keep volimg:latest true
+echo "image-kept=$(( $(hull volume ls -q | wc -l) - before )) mounts=$(hull inspect keep | grep -c '"Type": "volume"')"
 "#,
         false,
+        &[(archive.as_path(), "/opt/volimg.tar")],
     );
     run.assert_success();
     let out = &run.stdout;
@@ -164,6 +213,10 @@ echo "after-prune=$(hull volume ls -q | tr '\n' ' ')"
     assert!(out.contains("tmp-ok") && out.contains("vol-ok"), "{out}");
     let anon: usize = value(out, "anon-volumes=").unwrap().parse().unwrap();
     let after = value(out, "after-prune=").unwrap_or_default();
+    expect(out, "load=", "0");
+    expect(out, "image-volume=", "seeded 1");
+    expect(out, "after-rm=", "0");
+    expect(out, "image-kept=", "1 mounts=1");
     assert_eq!(
         after.split_whitespace().count() + 1,
         anon,
