@@ -89,7 +89,16 @@ fn cstring(p: &Path) -> Result<CString> {
 /// # Errors
 /// `virtiofsd` is missing, or it ended or did not listen in time.
 pub fn start(source: &Path, read_only: bool, socket: &Path, log: &Path) -> Result<Server> {
-    let bin = binary();
+    start_with(&binary(), source, read_only, socket, log)
+}
+
+fn start_with(
+    bin: &Path,
+    source: &Path,
+    read_only: bool,
+    socket: &Path,
+    log: &Path,
+) -> Result<Server> {
     if !bin.is_file() {
         return Err(format!(
             "bind mounts need virtiofsd, which is not at {} (apt-get install qemu-system-common, \
@@ -99,7 +108,7 @@ pub fn start(source: &Path, read_only: bool, socket: &Path, log: &Path) -> Resul
         .into());
     }
     let _ = std::fs::remove_file(socket);
-    let mut cmd = Command::new(&bin);
+    let mut cmd = Command::new(bin);
     cmd.arg(format!("--socket-path={}", socket.display()))
         .arg("-o")
         .arg(format!("source={}", source.display()))
@@ -233,8 +242,8 @@ mod tests {
     #[test]
     fn a_missing_server_binary_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        std::env::set_var("HULL_VIRTIOFSD", dir.path().join("nope"));
-        let err = start(
+        let err = start_with(
+            &dir.path().join("nope"),
             dir.path(),
             false,
             &dir.path().join("s"),
@@ -242,7 +251,6 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        std::env::remove_var("HULL_VIRTIOFSD");
         assert!(err.contains("need virtiofsd"), "{err}");
     }
 }
