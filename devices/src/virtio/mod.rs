@@ -181,6 +181,8 @@ pub struct Interrupt {
     irq: EventFd,
     status: AtomicU32,
     needs_reset: AtomicBool,
+    /// `INT_USED_BUFFER` stays set through acks ([`Interrupt::set_sticky_used`]).
+    sticky_used: AtomicBool,
 }
 
 impl Interrupt {
@@ -193,6 +195,7 @@ impl Interrupt {
             irq: EventFd::new(EFD_NONBLOCK)?,
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            sticky_used: AtomicBool::new(false),
         })
     }
 
@@ -210,6 +213,11 @@ impl Interrupt {
 
     /// The driver acknowledged the `bits` of `InterruptStatus`.
     pub fn ack(&self, bits: u32) {
+        let bits = if self.sticky_used.load(Ordering::SeqCst) {
+            bits & !INT_USED_BUFFER
+        } else {
+            bits
+        };
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
@@ -218,6 +226,15 @@ impl Interrupt {
         if let Err(e) = self.irq.write(1) {
             crate::rate_limited!(warn, "virtio: cannot raise the interrupt: {e}");
         }
+    }
+
+    /// For a device whose backend writes the irqfd itself (vhost-user):
+    /// `InterruptStatus` always shows used buffers, so the driver looks at
+    /// its rings on every interrupt (a look that finds nothing is harmless).
+    /// Until the next reset.
+    pub fn set_sticky_used(&self) {
+        self.sticky_used.store(true, Ordering::SeqCst);
+        self.status.fetch_or(INT_USED_BUFFER, Ordering::SeqCst);
     }
 
     /// Tells the driver the device used buffers.
@@ -247,6 +264,7 @@ impl Interrupt {
 
     /// Clears the status bits and the needs-reset flag (device reset).
     fn clear(&self) {
+        self.sticky_used.store(false, Ordering::SeqCst);
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }
@@ -612,5 +630,20 @@ mod tests {
         i.clear();
         assert_eq!(i.status(), 0);
         assert!(!i.needs_reset());
+    }
+
+    #[test]
+    fn a_sticky_used_bit_survives_acks_until_a_reset() {
+        let i = Interrupt::new().unwrap();
+        i.set_sticky_used();
+        i.ack(INT_USED_BUFFER);
+        assert_eq!(i.status(), INT_USED_BUFFER);
+        i.signal_config_change();
+        i.ack(INT_USED_BUFFER | INT_CONFIG_CHANGE);
+        assert_eq!(i.status(), INT_USED_BUFFER);
+        i.clear();
+        i.signal_used_queue();
+        i.ack(INT_USED_BUFFER);
+        assert_eq!(i.status(), 0);
     }
 }
