@@ -43,7 +43,7 @@ how="in the container vs on the emulated host's own file system (RAM), median of
 row "write ${SIZE_MB} MiB (dd bs=1M, fsync), bind mount" "$(median $bw)" "$(median $hw)" "virtio-fs (virtiofsd, cache=auto) $how" s
 row "write ${SIZE_MB} MiB, named volume" "$(median $vw)" "$(median $hw)" "ext4 on virtio-blk, $how" s
 row "write ${SIZE_MB} MiB, container root" "$(median $rw)" "$(median $hw)" "overlay on the scratch disk, $how" s
-row "read ${SIZE_MB} MiB back, bind mount" "$(median $br)" "$(median $hr)" "page cache warm in both; $how" s
+row "read ${SIZE_MB} MiB back, bind mount" "$(median $br)" "$(median $hr)" "right after the write (warm caches; cache=auto makes the guest re-read through virtio-fs after the reopen); $how" s
 row "read ${SIZE_MB} MiB back, named volume" "$(median $vr)" "$(median $hr)" "as above" s
 row "read ${SIZE_MB} MiB back, container root" "$(median $rr)" "$(median $hr)" "as above" s
 row "create ${FILES} empty files, bind mount" "$(median $bf)" "$(median $hf)" "touch (xargs over seq), then sync; $how" s
