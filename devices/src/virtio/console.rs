@@ -53,6 +53,9 @@ const QUEUE_SIZE: u16 = 256;
 /// host, so the ring is how far the guest can run ahead of it (16 writes of
 /// at most 32 KiB), which is what is left to send when the guest ends.
 const TX_QUEUE_SIZE: u16 = 16;
+/// Guest output kept from the ring at a reset, at most (16 writes of the
+/// guest driver's largest, 32 KiB; longer chains are cut).
+const TX_BACKLOG_MAX: usize = 16 * 32 * 1024;
 const MAX_DESCS: usize = 64;
 /// Host bytes read but not yet delivered to the guest, at most.
 const RX_PENDING_MAX: usize = 4096;
@@ -114,6 +117,8 @@ pub struct Console {
     multiport: bool,
     /// Control messages for the driver, waiting for its buffers.
     ctrl_out: VecDeque<Vec<u8>>,
+    /// Guest output taken out of the ring at a reset, still to be sent.
+    tx_backlog: Vec<u8>,
 }
 
 impl Console {
@@ -135,6 +140,7 @@ impl Console {
             watching: EventSet::empty(),
             multiport: false,
             ctrl_out: VecDeque::new(),
+            tx_backlog: Vec::new(),
         })
     }
 
@@ -145,6 +151,7 @@ impl Console {
     /// Moves what it can: socket to guest, guest to socket; then updates
     /// what the socket is watched for.
     fn run(&mut self, ops: &mut EventOps) {
+        self.send_backlog();
         if self.usable() {
             let mut batch = match self.active.as_ref() {
                 Some(active) => Batch {
@@ -351,14 +358,21 @@ impl Console {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
-        // Every way out but "the ring is empty" comes back by itself (the
-        // socket's OUT event, or the yielded queue event).
+        if !self.tx_backlog.is_empty() {
+            // What a reset left goes first (it wakes the loop when sent).
+            return Ok(());
+        }
+        // Every way out with notifications off comes back by itself: the
+        // socket's OUT event while a chain is in flight. The others turn
+        // them on first (an empty ring; a used-up budget, after which the
+        // yielded queue event comes back for what is left).
         active.suppress_notifications(TX);
         loop {
             let mut chain = match self.tx_inflight.take() {
                 Some(chain) => chain,
                 None => {
                     if batch.left[TX] == 0 {
+                        active.resume_notifications(TX);
                         return Ok(());
                     }
                     let Some((head, bufs)) = active.pop(TX, MAX_DESCS)? else {
@@ -411,13 +425,87 @@ impl Console {
         }
     }
 
-    /// Sends what the guest queued last before its end: a generic port's
-    /// writes do not wait for the host, so a guest that resets the device or
-    /// the VM right after writing (Linux resets it on its way down) leaves
-    /// its final frames in the ring. Bounded: what the short ring holds,
-    /// five seconds in all, half a second per write to a slow reader.
-    fn flush_tx(&mut self) {
-        if !self.usable() || self.tx_closed {
+    /// Takes what the guest queued and the device has not sent out of the
+    /// ring, into [`tx_backlog`](Self::tx_backlog) (bounded), before a reset
+    /// forgets the ring. A generic port's writes do not wait for the host, and
+    /// Linux resets its devices on its way down: without this a container's
+    /// last output and its exit status could be lost. Never blocks (a reset
+    /// comes from a vCPU).
+    fn stash_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.failed {
+            return;
+        }
+        let mut chains: Vec<(Vec<Buf>, u64, u64)> = Vec::new();
+        if let Some(chain) = self.tx_inflight.take() {
+            chains.push((chain.bufs, chain.sent, chain.total));
+        }
+        for _ in 0..active.budget(TX) {
+            match active.pop(TX, MAX_DESCS) {
+                Ok(Some((_, bufs))) => {
+                    if !bufs.iter().any(|b| b.writable) && in_memory(&active.mem, &bufs) {
+                        let total = total_len(&bufs);
+                        chains.push((bufs, 0, total));
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for (bufs, from, total) in chains {
+            let room = TX_BACKLOG_MAX.saturating_sub(self.tx_backlog.len()) as u64;
+            let n = (total - from).min(room);
+            let start = self.tx_backlog.len();
+            self.tx_backlog
+                .resize(start + usize::try_from(n).unwrap_or(0), 0);
+            let mut at = start;
+            let backlog = &mut self.tx_backlog;
+            let copied = for_each_piece(&bufs, from, n, |addr, k| {
+                active.mem.read_slice(&mut backlog[at..at + k], addr)?;
+                at += k;
+                Ok::<(), vm_memory::GuestMemoryError>(())
+            });
+            if copied.is_err() {
+                backlog.truncate(start);
+            }
+        }
+    }
+
+    /// Sends what it can of the backlog without blocking.
+    fn send_backlog(&mut self) {
+        while !self.tx_backlog.is_empty() && !self.tx_closed {
+            // SAFETY: the buffer is valid for reads of its length and the
+            // socket is open for the duration of the call; MSG_NOSIGNAL: a
+            // closed peer gives EPIPE, not SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    self.tx_backlog.as_ptr().cast(),
+                    self.tx_backlog.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => self.tx_closed = true,
+                Ok(n) => {
+                    self.tx_backlog.drain(..n);
+                }
+                Err(_) => match io::Error::last_os_error().kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return,
+                    _ => self.tx_closed = true,
+                },
+            }
+        }
+    }
+
+    /// At the end (the VM is gone): sends the backlog and what is left in the
+    /// ring, waiting for a slow reader, bounded: five seconds in all, half a
+    /// second per write.
+    fn flush_at_end(&mut self) {
+        self.stash_tx();
+        if self.tx_backlog.is_empty() || self.tx_closed {
             return;
         }
         let _ = self.stream.set_nonblocking(false);
@@ -425,21 +513,14 @@ impl Console {
             .stream
             .set_write_timeout(Some(std::time::Duration::from_millis(500)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline && !self.tx_closed {
-            let Some(active) = self.active.as_ref() else {
-                break;
-            };
-            let mut batch = Batch {
-                used: [false; 4],
-                left: [0, active.budget(TX), 0, 0],
-                tx_bytes: 0,
-            };
-            let moved = self.transmit(&mut batch).is_ok() && (batch.used[TX] || batch.tx_bytes > 0);
-            if !moved {
+        while !self.tx_backlog.is_empty() && !self.tx_closed && std::time::Instant::now() < deadline
+        {
+            let before = self.tx_backlog.len();
+            self.send_backlog();
+            if self.tx_backlog.len() == before {
                 break;
             }
         }
-        let _ = self.stream.set_nonblocking(true);
     }
 
     fn update_interest(&mut self, ops: &mut EventOps) {
@@ -451,6 +532,9 @@ impl Console {
             if self.tx_inflight.is_some() && !self.tx_closed {
                 want |= EventSet::OUT;
             }
+        }
+        if !self.tx_backlog.is_empty() && !self.tx_closed {
+            want |= EventSet::OUT;
         }
         watch_fd(ops, self.stream.as_raw_fd(), &mut self.watching, want, NAME);
     }
@@ -554,7 +638,8 @@ impl VirtioDevice for Console {
     }
 
     fn reset(&mut self) {
-        self.flush_tx();
+        self.stash_tx();
+        self.send_backlog();
         self.active = None;
         self.tx_inflight = None;
         self.multiport = false;
@@ -566,7 +651,7 @@ impl VirtioDevice for Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
-        self.flush_tx();
+        self.flush_at_end();
     }
 }
 
@@ -877,6 +962,24 @@ mod tests {
         h.notify(CTRL_TX);
         assert_eq!(h.used(CTRL_TX).len(), 14);
         assert!(!h.needs_reset());
+    }
+
+    #[test]
+    fn a_driver_honouring_no_notify_is_never_left_waiting() {
+        let (mut h, mut peer) = multiport_console();
+        h.mem.write_slice(b"x", GuestAddress(DATA)).unwrap();
+        // A full ring served in one wake-up (its whole budget), then more
+        // chains: the device must have turned notifications back on.
+        for _ in 0..TX_QUEUE_SIZE {
+            h.add_chain(TX, &[(DATA, 1, 0)]);
+        }
+        h.notify(TX);
+        assert_eq!(drain(&mut peer).len(), usize::from(TX_QUEUE_SIZE));
+        for _ in 0..4 {
+            h.add_chain(TX, &[(DATA, 1, 0)]);
+            h.notify_if_wanted(TX);
+        }
+        assert_eq!(drain(&mut peer).len(), 4);
     }
 
     #[test]

@@ -182,6 +182,17 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
         self.pump();
     }
 
+    /// Notifies queue `q` only if the device has not asked the driver not to
+    /// (`VRING_USED_F_NO_NOTIFY` in the used ring's flags), as Linux does,
+    /// then runs the event loop.
+    pub fn notify_if_wanted(&mut self, q: usize) {
+        let flags: u16 = self.mem.read_obj(GuestAddress(used_ring(q))).unwrap();
+        if flags & 1 == 0 {
+            self.notify[q].write(1).unwrap();
+        }
+        self.pump();
+    }
+
     /// The used ring of queue `q`: (head, len) for each used chain.
     pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
         let idx: u16 = self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap();
