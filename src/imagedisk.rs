@@ -309,7 +309,7 @@ fn build(
     }
 }
 
-/// Plays the host's side of the build: the spec after `Ready`, then waits
+/// Plays the host's side of the build: the spec after the first `Ready`, then waits
 /// for the init's outcome and for the VM to close the stream. `Ok(Err(..))`:
 /// the guest said the build failed (or never said it succeeded).
 fn converse(
@@ -324,6 +324,12 @@ fn converse(
     let mut writer = stream;
     let mut outcome: Option<Result<(), String>> = None;
     let mut notes = 0usize;
+    let mut spec_sent = false;
+    // The spec is a few hundred bytes; a guest that does not read must not
+    // hold this loop (and its deadline and signals) in a write.
+    if let Err(e) = stream.set_write_timeout(Some(Duration::from_secs(10))) {
+        return Ok(Err(format!("control stream: {e}")));
+    }
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -380,7 +386,8 @@ fn converse(
                 Err(e) => return Ok(Err(format!("the guest broke the protocol: {e}"))),
             };
             match frame {
-                Frame::Ready => {
+                Frame::Ready if !spec_sent => {
+                    spec_sent = true;
                     let bytes = Frame::Spec(spec_json.to_vec()).encode().map_err(|e| {
                         ImageDiskError::Build {
                             image: image.to_string(),

@@ -229,29 +229,99 @@ fn diff_id(file: File, compression: Compression, what: &str) -> Result<String, S
     let mut hashing = HashingReader {
         inner,
         hasher: Sha256::new(),
+        bytes: 0,
     };
-    let n = {
+    {
+        // No entries is fine: docker's empty layer (1024 zero bytes, from a
+        // `RUN` that changed nothing) is a valid, empty archive.
         let mut ar = tar::Archive::new(&mut hashing);
         let entries = ar.entries().map_err(|e| invalid(&e))?;
-        tarwalk::walk::<_, TarError>(entries, |_| Ok(())).map_err(|e| invalid(&e))?
-    };
-    if n == 0 {
-        return Err(invalid(&"it has no entries"));
+        tarwalk::walk::<_, TarError>(entries, |_| Ok(())).map_err(|e| invalid(&e))?;
     }
-    // The rest (end-of-archive blocks, padding) is part of the diff ID too.
-    io::copy(&mut hashing, &mut io::sink()).map_err(|e| invalid(&e))?;
+    // The rest (end-of-archive blocks, padding) is part of the diff ID too;
+    // tar pads to a record (10 KiB by default), not to more than this.
+    let rest = io::copy(&mut (&mut hashing).take(MAX_TRAILER + 1), &mut io::sink())
+        .map_err(|e| invalid(&e))?;
+    if rest > MAX_TRAILER {
+        return Err(invalid(&format_args!(
+            "more than {MAX_TRAILER} bytes follow its end-of-archive marker"
+        )));
+    }
     Ok(format!("sha256:{}", hex::encode(hashing.hasher.finalize())))
 }
 
+/// Bytes allowed after a layer's end-of-archive marker.
+const MAX_TRAILER: u64 = 1 << 20;
+/// Uncompressed bytes of one layer, at most: past this, hashing (and the
+/// guest's unpacking) of a decompression bomb stops.
+const MAX_LAYER_UNCOMPRESSED: u64 = 64 << 30;
+
+/// Hashes what is read through it, refusing a stream longer than
+/// [`MAX_LAYER_UNCOMPRESSED`].
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
+    bytes: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        if self.bytes > MAX_LAYER_UNCOMPRESSED {
+            return Err(io::Error::other(format!(
+                "it expands to more than {} GiB",
+                MAX_LAYER_UNCOMPRESSED >> 30
+            )));
+        }
         self.hasher.update(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write};
+
+    fn file_with(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    #[test]
+    fn docker_empty_layer_is_a_valid_layer() {
+        // 1024 zero bytes: two end-of-archive blocks, no entries.
+        let empty = [0u8; 1024];
+        let want = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+        assert_eq!(
+            diff_id(file_with(&empty), Compression::None, "l").unwrap(),
+            want
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&empty).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(
+            diff_id(file_with(&gz), Compression::Gzip, "l").unwrap(),
+            want
+        );
+    }
+
+    #[test]
+    fn garbage_after_the_end_of_archive_is_bounded() {
+        let mut bytes = vec![0u8; 1024];
+        bytes.resize(1024 + usize::try_from(MAX_TRAILER).unwrap() + 1, b'x');
+        let e = diff_id(file_with(&bytes), Compression::None, "layer 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("follow its end-of-archive marker"), "{e}");
+        assert!(diff_id(
+            file_with(b"not a tar at all, not at all"),
+            Compression::None,
+            "l"
+        )
+        .is_err());
     }
 }

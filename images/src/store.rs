@@ -769,16 +769,10 @@ impl Store {
     pub(crate) fn commit(&self, new: NewImage) -> Result<Image, StoreError> {
         let _lock = self.lock_images(true)?;
         let mut all = self.read_records()?;
-        let new_names: HashSet<&String> = new.names.iter().collect();
-        for other in all.iter_mut().filter(|i| i.id != new.config_digest) {
-            let before = other.names.len();
-            other.names.retain(|n| !new_names.contains(n));
-            if other.names.len() != before {
-                self.write_record(other)?;
-            }
-        }
-        let image = match all.into_iter().find(|i| i.id == new.config_digest) {
-            Some(mut old) => {
+        let new_names: Vec<String> = new.names.clone();
+        let image = match all.iter().position(|i| i.id == new.config_digest) {
+            Some(at) => {
+                let mut old = all.swap_remove(at);
                 for n in new.names {
                     if !old.names.contains(&n) {
                         old.names.push(n);
@@ -792,21 +786,13 @@ impl Store {
                 // The ID is trusted only with the layers first verified for
                 // it: a later image with the same config never replaces them
                 // (its own layers, verified too, differ only in compression;
-                // its new blobs are garbage for `image prune`).
+                // its new blobs are garbage for `image prune`). A record from
+                // before hull verified layers is not trusted at all: the new,
+                // just verified layers of the same config take its place.
                 if !old.layers_verified() {
-                    let same = old.layers.len() == new.layers.len()
-                        && old
-                            .layers
-                            .iter()
-                            .zip(&new.layers)
-                            .all(|(a, b)| a.digest == b.digest);
-                    if same {
-                        for (o, n) in old.layers.iter_mut().zip(&new.layers) {
-                            o.diff_id.clone_from(&n.diff_id);
-                        }
-                    } else {
-                        self.verify_old_layers(&mut old)?;
-                    }
+                    old.layers = new.layers;
+                    old.manifest_digest = new.manifest_digest;
+                    old.size = new.size;
                 }
                 old
             }
@@ -822,6 +808,15 @@ impl Store {
                 size: new.size,
             },
         };
+        // Nothing can fail between here and the record but writing: names
+        // move only once the image they move to is settled.
+        for other in &mut all {
+            let before = other.names.len();
+            other.names.retain(|n| !new_names.contains(n));
+            if other.names.len() != before {
+                self.write_record(other)?;
+            }
+        }
         self.write_record(&image)?;
         Ok(image)
     }
