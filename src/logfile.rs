@@ -161,8 +161,10 @@ impl RotatingLog {
         let len = u64::try_from(record.len()).unwrap_or(u64::MAX);
         if self.size > 0 && self.size.saturating_add(len) > self.options.max_size {
             if let Err(e) = self.rotate() {
-                // Never unbounded: without a rotation, start the file over.
+                // Never unbounded: without a rotation, start the log over
+                // (at its own name: a rotation may have got halfway).
                 tracing::warn!("cannot rotate {}: {e}", self.path.display());
+                self.file = open_append(&self.path, false)?;
                 self.file.set_len(0)?;
                 self.size = 0;
             }
@@ -175,8 +177,13 @@ impl RotatingLog {
     fn rotate(&mut self) -> io::Result<()> {
         let max_file = self.options.max_file;
         if max_file <= 1 {
-            // Only one file: it starts over (docker does the same).
-            self.file.set_len(0)?;
+            // Only one file: it starts over (docker does the same), as a new
+            // file put in place by rename, so that a reader following the log
+            // sees a new file rather than a truncation it might miss.
+            let fresh = self.path.with_extension("log.new");
+            let file = open_append(&fresh, true)?;
+            fs::rename(&fresh, &self.path)?;
+            self.file = file;
         } else {
             ignore_missing(fs::remove_file(rotated(&self.path, max_file - 1)))?;
             for n in (1..max_file - 1).rev() {
@@ -571,6 +578,46 @@ mod tests {
         }
         assert!(fs::metadata(&path).unwrap().len() <= 1000);
         assert_eq!(read_all(&path, 2).len(), 12);
+    }
+
+    #[test]
+    fn a_follower_of_a_one_file_log_sees_it_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("container.log");
+        let options = LogOptions {
+            max_size: 2000,
+            max_file: 1,
+        };
+        let mut log = RotatingLog::open(&path, options).unwrap();
+        let mut reader = LogReader::open(&path, 1).unwrap();
+        let mut seen = Vec::new();
+        // A longer first record, so that where the reader stops is no record
+        // boundary of the file that follows.
+        log.write_record(format!("record {:06} {}\n", 0, "y".repeat(130)).as_bytes())
+            .unwrap();
+        for n in 1..20 {
+            log.write_record(&record(n)).unwrap();
+        }
+        reader
+            .read_available(&mut |r| seen.push(r.to_vec()))
+            .unwrap();
+        // The log starts over and grows past where the reader was before it
+        // looks again: it must read the new file from its start.
+        for n in 20..41 {
+            log.write_record(&record(n)).unwrap();
+        }
+        reader
+            .read_available(&mut |r| seen.push(r.to_vec()))
+            .unwrap();
+        let last: usize = std::str::from_utf8(&seen.last().unwrap()[7..13])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(last, 40);
+        assert!(
+            seen.iter().all(|r| r.starts_with(b"record ")),
+            "a record was cut: {seen:?}"
+        );
     }
 
     #[test]
