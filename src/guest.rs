@@ -33,6 +33,11 @@ pub enum GuestError {
     /// The guest kernel could not be built or found.
     #[error(transparent)]
     Kernel(#[from] images::KernelError),
+    /// No guest kernel is installed, cached or given.
+    #[error(
+        "no guest kernel: looked in {0}; run `hull kernel build` (a few minutes), or set HULL_KERNEL to a vmlinux"
+    )]
+    NoKernel(String),
 }
 
 /// The guest init binary: `$HULL_INIT`, else `hull-init` next to the hull executable.
@@ -52,20 +57,43 @@ pub fn init_binary() -> Result<PathBuf, GuestError> {
     }
 }
 
-/// The guest kernel: `explicit` if given, else the cached project build
-/// (built now, with a note on stderr, if there is none yet).
+/// Where an installed guest kernel is looked for, after `$HULL_KERNEL`
+/// (a package or `make install` puts the project's `vmlinux` there).
+pub const SYSTEM_KERNELS: [&str; 2] = ["/usr/local/lib/hull/vmlinux", "/usr/lib/hull/vmlinux"];
+
+/// The guest kernel: `explicit` (`--kernel` or `$HULL_KERNEL`) if given, else
+/// an installed one ([`SYSTEM_KERNELS`]), else the cached `hull kernel build`.
+/// With none of them, a build is offered when hull talks to a terminal (it
+/// takes minutes), otherwise the error says what was looked for and how to
+/// get one.
 ///
 /// # Errors
-/// The build failed.
+/// No kernel was found and none was built, or the build failed.
 pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf, GuestError> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
+    }
+    if let Some(installed) = SYSTEM_KERNELS.iter().map(Path::new).find(|p| p.is_file()) {
+        return Ok(installed.to_path_buf());
     }
     let opts = images::KernelBuildOptions::default();
     if let Some(built) = images::kernel::find_cached(&opts) {
         return Ok(built.vmlinux);
     }
-    eprintln!("hull: building the guest kernel (once; takes a few minutes)...");
+    let looked = format!(
+        "$HULL_KERNEL (unset), {}, and hull's build cache",
+        SYSTEM_KERNELS.join(", ")
+    );
+    use std::io::IsTerminal;
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        return Err(GuestError::NoKernel(looked));
+    }
+    eprint!("hull: no guest kernel (looked in {looked}); build one now (a few minutes)? [Y/n] ");
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    if !matches!(answer.trim(), "" | "y" | "Y" | "yes") {
+        return Err(GuestError::NoKernel(looked));
+    }
     Ok(images::build_kernel(&opts)?.vmlinux)
 }
 

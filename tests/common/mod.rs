@@ -99,21 +99,10 @@ pub fn stripped(binary: &Path) -> PathBuf {
     }
 }
 
-/// hull's guest init, `hull-init`, built next to [`hull_bin`] (it is another
-/// binary of the workspace, so cargo does not build it for the root package's
-/// tests).
-///
-/// # Panics
-/// When it is missing.
+/// hull's guest init, `hull-init`, built next to [`hull_bin`] (a binary of
+/// the same package, so cargo builds it for these tests).
 pub fn hull_init_bin() -> PathBuf {
-    let init = hull_bin().with_file_name("hull-init");
-    assert!(
-        init.is_file(),
-        "{} is missing: build the whole workspace first (`cargo build --workspace`; \
-         `./dev test` does)",
-        init.display()
-    );
-    init
+    PathBuf::from(env!("CARGO_BIN_EXE_hull-init"))
 }
 
 /// What `mkfs.ext4` needs in the emulated host, as (file here, path there):

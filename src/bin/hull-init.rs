@@ -1,4 +1,6 @@
-//! `hull-init`: PID 1 of every hull guest (see [`guest_init::init`]).
+//! `hull-init`: PID 1 of every hull guest (see [`guest_init::init`]). A
+//! binary of the hull package, so that building or installing hull gives
+//! both; it must be static (the default target is musl).
 //!
 //! It defines the C `main` itself: Rust's usual start-up would abort when
 //! descriptors 0-2 are closed and `/dev/null` does not exist yet (an
