@@ -57,7 +57,7 @@ pub struct VmConfig {
     /// virtio-fs shares served by vhost-user backends; with any, guest
     /// memory is a shared memfd (the backends map it).
     pub shares: Vec<FsShare>,
-    /// The host end of a virtio-console port (the guest's /dev/hvc0).
+    /// The host end of a virtio-console port (the guest init's control channel).
     pub control: Option<UnixStream>,
     /// Give the guest a virtio-rng entropy source.
     pub entropy: bool,

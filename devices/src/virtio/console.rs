@@ -90,7 +90,7 @@ struct TxChain {
     total: u64,
 }
 
-/// A virtio-console device: what the guest writes to its `/dev/hvc0` goes to
+/// A virtio-console device: what the guest writes to its port goes to
 /// the socket; what arrives on the socket goes to the guest.
 ///
 /// Backpressure: at most 4 KiB are read ahead of the
