@@ -618,6 +618,74 @@ mod tests {
         assert!(parse_cpus("x").is_err());
     }
 
+    fn run_args(args: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let cli =
+            crate::cli::Cli::try_parse_from(["hull", "run"].iter().chain(args).chain(&["img"]))
+                .unwrap();
+        match cli.command {
+            crate::cli::Command::Run(a) => a,
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn security_flags_follow_docker() {
+        let d = security_spec(&run_args(&[])).unwrap();
+        assert_eq!(guest_init::security::cap_mask(&d.capabilities), 0xa804_25fb);
+        assert_eq!(d.shm_size, 64 << 20);
+        assert_eq!(d.stop_signal, 15);
+        assert_eq!((d.memory_bytes, d.cpu_millis), (512 << 20, 1000));
+        assert!(!d.privileged && !d.init);
+
+        let s = security_spec(&run_args(&[
+            "--cap-add",
+            "net_admin",
+            "--cap-drop",
+            "MKNOD",
+            "--ulimit",
+            "nofile=10:20",
+            "--sysctl",
+            "net.ipv4.ip_unprivileged_port_start=1024",
+            "--shm-size",
+            "1m",
+            "--stop-signal",
+            "SIGUSR1",
+            "--cpus",
+            "1.5",
+            "-m",
+            "1g",
+            "--init",
+        ]))
+        .unwrap();
+        assert_eq!(guest_init::security::cap_mask(&s.capabilities), 0xa004_35fb);
+        let nofile = s.ulimits.iter().find(|u| u.name == "nofile").unwrap();
+        assert_eq!((nofile.soft, nofile.hard), (10, 20));
+        // --sysctl replaces docker's default of the same key.
+        assert!(s
+            .sysctls
+            .contains(&("net.ipv4.ip_unprivileged_port_start".into(), "1024".into())));
+        assert_eq!(s.sysctls.len(), 2);
+        assert_eq!(s.shm_size, 1 << 20);
+        assert_eq!(s.stop_signal, libc::SIGUSR1);
+        assert_eq!((s.memory_bytes, s.cpu_millis), (1 << 30, 1500));
+        assert!(s.init);
+
+        let p = security_spec(&run_args(&["--privileged"])).unwrap();
+        assert_eq!(p.capabilities.len(), 41);
+
+        for bad in [
+            &["--cap-add", "NOPE"][..],
+            &["--ulimit", "nofile=5:1"],
+            &["--sysctl", "novalue"],
+            &["--shm-size", "0"],
+            &["--stop-signal", "SIGNOPE"],
+        ] {
+            let e = security_spec(&run_args(bad)).unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{bad:?}: {e}");
+        }
+    }
+
     #[test]
     fn later_env_entries_win() {
         let merged = merge_env(&[
