@@ -60,7 +60,7 @@ for i in $(seq "$RUNS"); do
 	t0=$(now)
 	hull run -d --name web$i -p 8080:80 busybox sh -c 'mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 80 -h /www' >/dev/null 2>&1
 	n=0
-	until wget -q -T 1 -O /dev/null http://127.0.0.1:8080/ 2>/dev/null || [ $n -ge 300 ]; do n=$((n + 1)); sleep 0.1; done
+	until timeout 2 wget -q -O /dev/null http://127.0.0.1:8080/ 2>/dev/null || [ $n -ge 300 ]; do n=$((n + 1)); sleep 0.1; done
 	t1=$(now)
 	[ $n -lt 300 ] && ft="$ft $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f\n", b - a }')"
 	hull rm -f web$i >/dev/null 2>&1

@@ -24,9 +24,11 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 pub const EXIT_RUNTIME_ERROR: i32 = 125;
 
 /// Guest command line for containers: the console goes to a log, not the
-/// user's terminal, so the kernel stays quiet.
+/// user's terminal, so the kernel stays quiet. `dummy.numdummies=0`: the
+/// built-in dummy driver makes no `dummy0` at boot (a container sees only
+/// `lo` and `eth0`, as in docker; `ip link add type dummy` still works).
 pub(crate) const CONTAINER_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check";
+    "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check dummy.numdummies=0";
 
 /// A user error in the flags, reported as one line.
 #[derive(Debug, thiserror::Error)]
