@@ -83,7 +83,9 @@ pub fn cp(source: &str, destination: &str) -> Result<()> {
             let stream = crate::client::connect(&store, &container)?;
             let mut archive = start(stream, &Request::CopyOut { path: path.clone() })?;
             match to {
-                Operand::Host(dest) => unpack_on_host(&mut archive, &dest)?,
+                Operand::Host(dest) => {
+                    unpack_on_host(&mut archive, &dest, top_name(&path).as_deref())?;
+                }
                 _ => {
                     io::copy(&mut archive, &mut io::stdout().lock())?;
                 }
@@ -373,13 +375,47 @@ fn pax_records(data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// Unpacks the guest's archive at host path `dest` by docker's rules: into
-/// `dest` if it is a directory, else its top entry becomes `dest`.
+/// The name an archive of container path `path` holds it under (as the
+/// guest's `copy::top_name` names it): `basename(path)`, or `None` when
+/// the archive is the contents of a directory (`/`, `..`).
+fn top_name(path: &str) -> Option<std::ffi::OsString> {
+    Path::new(path).file_name().map(OsStr::to_os_string)
+}
+
+/// Where archive entry `rel` goes beneath the destination: under the
+/// expected top name `top` (renamed to `rename` when given), or `None` when
+/// the entry is not under `top` (a hostile guest adding siblings).
+fn place(rel: &Path, top: Option<&OsStr>, rename: Option<&Path>) -> Option<PathBuf> {
+    let rest = match top {
+        Some(t) => {
+            if rel.as_os_str().is_empty() {
+                return Some(PathBuf::new());
+            }
+            let mut c = rel.components();
+            if c.next().map(Component::as_os_str) != Some(t) {
+                return None;
+            }
+            c.as_path()
+        }
+        None => rel,
+    };
+    Some(match rename {
+        Some(new) if rest.as_os_str().is_empty() => new.to_path_buf(),
+        Some(new) => new.join(rest),
+        None => rel.to_path_buf(),
+    })
+}
+
+/// Unpacks the guest's archive of a container path whose basename is `top`
+/// (`None`: the contents of a directory) at host path `dest` by docker's
+/// rules: into `dest` if it is a directory, else `top` becomes `dest`.
+/// Every entry (and hard link target) must sit under `top`; a directory
+/// that already exists on the host keeps its owner and mode.
 ///
 /// # Errors
 /// `dest`'s parent does not exist, the archive is bad or oversized, an
-/// entry would leave the destination.
-pub fn unpack_on_host(input: &mut impl Read, dest: &Path) -> Result<()> {
+/// entry would leave the destination or is not under `top`.
+pub fn unpack_on_host(input: &mut impl Read, dest: &Path, top: Option<&OsStr>) -> Result<()> {
     let (base, rename) = match std::fs::metadata(dest) {
         Ok(m) if m.is_dir() => (dest.to_path_buf(), None),
         _ => {
@@ -401,7 +437,7 @@ pub fn unpack_on_host(input: &mut impl Read, dest: &Path) -> Result<()> {
     let mut long_name: Option<Vec<u8>> = None;
     let mut long_link: Option<Vec<u8>> = None;
     let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut top: Option<std::ffi::OsString> = None;
+    let mut made = std::collections::HashSet::new();
     for entry in entries.by_ref() {
         let mut entry = entry?;
         let h = entry.header().clone();
@@ -455,32 +491,39 @@ pub fn unpack_on_host(input: &mut impl Read, dest: &Path) -> Result<()> {
                 _ => {}
             }
         }
-        let Some(mut rel) = clean(&m.path) else {
+        let Some(rel) = clean(&m.path) else {
             return Err(usage(
                 "the container's archive has an entry outside the destination",
+            ));
+        };
+        let Some(rel) = place(&rel, top, rename.as_deref()) else {
+            return Err(usage(
+                "the container's archive has an entry outside the copied path",
             ));
         };
         if rel.as_os_str().is_empty() {
             continue;
         }
-        if let Some(new) = &rename {
-            let first = rel
-                .components()
-                .next()
-                .map(|c| c.as_os_str().to_os_string())
-                .unwrap_or_default();
-            let first = top.get_or_insert(first).clone();
-            if let Ok(rest) = rel.strip_prefix(&first) {
-                rel = new.join(rest);
+        let link = if m.kind == EntryType::Link {
+            match clean(&m.link).and_then(|t| place(&t, top, rename.as_deref())) {
+                Some(t) if !t.as_os_str().is_empty() => Some(t),
+                _ => {
+                    return Err(usage(
+                        "the container's archive links outside the copied path",
+                    ))
+                }
             }
-        }
+        } else {
+            None
+        };
         write_member(
             dir.as_fd(),
             &rel,
             &m,
             &mut entry,
             root,
-            rename.as_ref().zip(top.as_ref()),
+            link.as_deref(),
+            &mut made,
         )?;
     }
     Ok(())
@@ -491,18 +534,27 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Creates the parents of `rel` beneath `dir`; returns the parent's fd and the name.
-fn parent_of(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<(OwnedFd, CString)> {
+/// Creates the parents of `rel` beneath `dir` (noting those it made in
+/// `made`); returns the parent's fd and the name.
+fn parent_of(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    made: &mut std::collections::HashSet<PathBuf>,
+) -> io::Result<(OwnedFd, CString)> {
     let name = rel
         .file_name()
         .ok_or_else(|| io::Error::other("an entry without a name"))?;
     let mut cur = open_beneath(dir, Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)?;
     if let Some(parent) = rel.parent() {
+        let mut sofar = PathBuf::new();
         for c in parent.components() {
+            sofar.push(c);
             let c = cstr(Path::new(c.as_os_str()))?;
             // SAFETY: valid C string and descriptor.
             let r = unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) };
-            if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            if r == 0 {
+                made.insert(sofar.clone());
+            } else if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
                 return Err(io::Error::last_os_error());
             }
             cur = open_beneath(
@@ -528,9 +580,10 @@ fn write_member(
     m: &Member,
     data: &mut impl Read,
     root: bool,
-    rename: Option<(&PathBuf, &std::ffi::OsString)>,
+    link: Option<&Path>,
+    made: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<()> {
-    let (parent, name) = parent_of(dir, rel)?;
+    let (parent, name) = parent_of(dir, rel, made)?;
     let p = parent.as_raw_fd();
     let perm = m.mode & 0o7777;
     let owner = |fd: libc::c_int, name: Option<&CString>| {
@@ -560,7 +613,9 @@ fn write_member(
         EntryType::Directory => {
             // SAFETY: valid C string and descriptor.
             let r = unsafe { libc::mkdirat(p, name.as_ptr(), 0o700) };
-            if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            if r == 0 {
+                made.insert(rel.to_path_buf());
+            } else if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
                 return Err(io::Error::last_os_error().into());
             }
             let d = open_beneath(
@@ -568,6 +623,11 @@ fn write_member(
                 Path::new(OsStr::from_bytes(name.as_bytes())),
                 libc::O_RDONLY | libc::O_DIRECTORY,
             )?;
+            // A directory that was on the host before this copy keeps its
+            // owner, mode and times.
+            if !made.contains(rel) {
+                return Ok(());
+            }
             owner(d.as_raw_fd(), None);
             // SAFETY: valid descriptor.
             unsafe { libc::fchmod(d.as_raw_fd(), perm) };
@@ -605,17 +665,12 @@ fn write_member(
             owner(p, Some(&name));
         }
         EntryType::Link => {
-            let Some(mut target) = clean(&m.link) else {
+            let Some(target) = link else {
                 return Err(usage(
                     "the container's archive links outside the destination",
                 ));
             };
-            if let Some((new, first)) = rename {
-                if let Ok(rest) = target.strip_prefix(first) {
-                    target = new.join(rest);
-                }
-            }
-            let (tparent, tname) = parent_of(dir, &target)?;
+            let (tparent, tname) = parent_of(dir, target, made)?;
             clear(parent.as_fd(), &name);
             // SAFETY: valid C strings and descriptors; no symlink is followed.
             check(unsafe {
@@ -677,14 +732,14 @@ mod tests {
         archive_host(&src, &mut tar).unwrap();
         let into = tmp.path().join("into");
         std::fs::create_dir(&into).unwrap();
-        unpack_on_host(&mut tar.as_slice(), &into).unwrap();
+        unpack_on_host(&mut tar.as_slice(), &into, Some(OsStr::new("src"))).unwrap();
         assert_eq!(std::fs::read_to_string(into.join("src/d/f")).unwrap(), "x");
         assert_eq!(
             std::fs::read_link(into.join("src/l")).unwrap(),
             Path::new("/etc/passwd")
         );
         let renamed = tmp.path().join("renamed");
-        unpack_on_host(&mut tar.as_slice(), &renamed).unwrap();
+        unpack_on_host(&mut tar.as_slice(), &renamed, Some(OsStr::new("src"))).unwrap();
         assert_eq!(std::fs::read_to_string(renamed.join("d/f")).unwrap(), "x");
     }
 
@@ -704,14 +759,14 @@ mod tests {
             b.append(&header(EntryType::Regular, "top/esc/pwned", 1), &b"x"[..])
                 .unwrap();
         });
-        assert!(unpack_on_host(&mut evil.as_slice(), &dest).is_err());
+        assert!(unpack_on_host(&mut evil.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
         assert!(!outside.join("pwned").exists());
         // `..` in a path, and a hard link to a host file.
         let mut dotdot = header(EntryType::Regular, "x", 1);
         dotdot.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"../pwn");
         dotdot.set_cksum();
         let up = tar_of(|b| b.append(&dotdot, &b"x"[..]).unwrap());
-        assert!(unpack_on_host(&mut up.as_slice(), &dest).is_err());
+        assert!(unpack_on_host(&mut up.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
         assert!(!tmp.path().join("pwn").exists());
         let link = tar_of(|b| {
             let mut h = header(EntryType::Link, "top/hl", 0);
@@ -719,7 +774,75 @@ mod tests {
             h.set_cksum();
             b.append(&h, io::empty()).unwrap();
         });
-        assert!(unpack_on_host(&mut link.as_slice(), &dest).is_err());
+        assert!(unpack_on_host(&mut link.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
+    }
+
+    /// `hull cp web:/var/log/app.log ~/` with a guest that adds siblings:
+    /// nothing but `app.log` lands, into a directory or renamed, and a
+    /// directory already on the host keeps its mode.
+    #[test]
+    fn hostile_archives_cannot_add_siblings_of_the_copied_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let sibling = tar_of(|b| {
+            b.append(&header(EntryType::Regular, "app.log", 1), &b"x"[..])
+                .unwrap();
+            b.append(&header(EntryType::Directory, ".ssh", 0), io::empty())
+                .unwrap();
+            b.append(
+                &header(EntryType::Regular, ".ssh/authorized_keys", 3),
+                &b"key"[..],
+            )
+            .unwrap();
+        });
+        let app = Some(OsStr::new("app.log"));
+        assert!(unpack_on_host(&mut sibling.as_slice(), &home, app).is_err());
+        assert!(!home.join(".ssh").exists());
+        assert_eq!(std::fs::read(home.join("app.log")).unwrap(), b"x");
+        // Renamed: the sibling is not put beside the new name either.
+        assert!(unpack_on_host(&mut sibling.as_slice(), &home.join("copy.log"), app).is_err());
+        assert!(!home.join(".ssh").exists());
+        assert_eq!(std::fs::read(home.join("copy.log")).unwrap(), b"x");
+        // A hard link to a sibling's path.
+        let link = tar_of(|b| {
+            let mut h = header(EntryType::Link, "app.log", 0);
+            h.set_link_name(".bashrc").unwrap();
+            h.set_cksum();
+            b.append(&h, io::empty()).unwrap();
+        });
+        std::fs::write(home.join(".bashrc"), "mine").unwrap();
+        assert!(unpack_on_host(&mut link.as_slice(), &home.join("new"), app).is_err());
+        assert!(!home.join("new").exists());
+        // `hull cp web:/data ~/` with a ~/data already there: its mode stays.
+        std::fs::create_dir(home.join("data")).unwrap();
+        std::fs::set_permissions(home.join("data"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let data = tar_of(|b| {
+            let mut h = header(EntryType::Directory, "data", 0);
+            h.set_mode(0o777);
+            h.set_cksum();
+            b.append(&h, io::empty()).unwrap();
+            b.append(&header(EntryType::Regular, "data/f", 1), &b"y"[..])
+                .unwrap();
+        });
+        unpack_on_host(&mut data.as_slice(), &home, Some(OsStr::new("data"))).unwrap();
+        let mode = std::fs::metadata(home.join("data"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        assert_eq!(std::fs::read(home.join("data/f")).unwrap(), b"y");
+        // A directory's contents (`hull cp web:/ dir`) go under the new name.
+        let root = tar_of(|b| {
+            b.append(&header(EntryType::Directory, "./", 0), io::empty())
+                .unwrap();
+            b.append(&header(EntryType::Regular, "./etc", 1), &b"z"[..])
+                .unwrap();
+        });
+        unpack_on_host(&mut root.as_slice(), &home.join("rootfs"), None).unwrap();
+        assert_eq!(std::fs::read(home.join("rootfs/etc")).unwrap(), b"z");
     }
 
     #[test]
@@ -729,7 +852,7 @@ mod tests {
         h.set_cksum();
         let mut data = h.as_bytes().to_vec();
         data.extend_from_slice(&[0u8; 1024]);
-        let err = unpack_on_host(&mut data.as_slice(), tmp.path()).unwrap_err();
+        let err = unpack_on_host(&mut data.as_slice(), tmp.path(), None).unwrap_err();
         assert!(err.to_string().contains("long name"), "{err}");
     }
 }
