@@ -129,6 +129,10 @@ pub struct CpArgs {
     pub source: String,
     /// `CONTAINER:PATH`, a host path, or `-` (a tar archive on stdout).
     pub destination: String,
+    /// Keep the archive's owners (uid/gid) on what is copied out (as root);
+    /// otherwise it belongs to the invoking user and loses setuid/setgid.
+    #[arg(short = 'a', long)]
+    pub archive: bool,
 }
 
 /// The default guest command line: serial console, reboot through the i8042

@@ -46,7 +46,7 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Kernel(KernelCommand::Build(args)) => kernel_build(&args),
         Command::Volume(cmd) => volume(cmd),
         Command::Cp(args) => {
-            crate::cp::cp(&args.source, &args.destination)?;
+            crate::cp::cp(&args.source, &args.destination, args.archive)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -68,11 +68,12 @@ pub fn parse_operand(s: &str) -> Operand {
     Operand::Host(PathBuf::from(s))
 }
 
-/// `hull cp SRC DEST`.
+/// `hull cp SRC DEST`; `keep_owners` (`-a`) keeps the archive's owners on
+/// the host when copying out.
 ///
 /// # Errors
 /// Bad operands, the container is not running, the copy failed.
-pub fn cp(source: &str, destination: &str) -> Result<()> {
+pub fn cp(source: &str, destination: &str, keep_owners: bool) -> Result<()> {
     let (src, dst) = (parse_operand(source), parse_operand(destination));
     let store = images::Store::open(None)?;
     let containers = Containers::new(store.root());
@@ -84,7 +85,7 @@ pub fn cp(source: &str, destination: &str) -> Result<()> {
             let mut archive = start(stream, &Request::CopyOut { path: path.clone() })?;
             match to {
                 Operand::Host(dest) => {
-                    unpack_on_host(&mut archive, &dest, top_name(&path).as_deref())?;
+                    unpack_on_host(&mut archive, &dest, top_name(&path).as_deref(), keep_owners)?;
                 }
                 _ => {
                     io::copy(&mut archive, &mut io::stdout().lock())?;
@@ -410,12 +411,19 @@ fn place(rel: &Path, top: Option<&OsStr>, rename: Option<&Path>) -> Option<PathB
 /// (`None`: the contents of a directory) at host path `dest` by docker's
 /// rules: into `dest` if it is a directory, else `top` becomes `dest`.
 /// Every entry (and hard link target) must sit under `top`; a directory
-/// that already exists on the host keeps its owner and mode.
+/// that already exists on the host keeps its owner and mode. What is made
+/// belongs to the invoking user unless `keep_owners` (`--archive`), and
+/// keeps setuid/setgid bits only where the archive's owner was kept.
 ///
 /// # Errors
 /// `dest`'s parent does not exist, the archive is bad or oversized, an
 /// entry would leave the destination or is not under `top`.
-pub fn unpack_on_host(input: &mut impl Read, dest: &Path, top: Option<&OsStr>) -> Result<()> {
+pub fn unpack_on_host(
+    input: &mut impl Read,
+    dest: &Path,
+    top: Option<&OsStr>,
+    keep_owners: bool,
+) -> Result<()> {
     let (base, rename) = match std::fs::metadata(dest) {
         Ok(m) if m.is_dir() => (dest.to_path_buf(), None),
         _ => {
@@ -431,7 +439,6 @@ pub fn unpack_on_host(input: &mut impl Read, dest: &Path, top: Option<&OsStr>) -
     };
     let dir =
         open_dir(&base).map_err(|e| usage(format!("cannot copy to {}: {e}", base.display())))?;
-    let root = is_root();
     let mut ar = tar::Archive::new(input);
     let mut entries = ar.entries()?.raw(true);
     let mut long_name: Option<Vec<u8>> = None;
@@ -521,17 +528,12 @@ pub fn unpack_on_host(input: &mut impl Read, dest: &Path, top: Option<&OsStr>) -
             &rel,
             &m,
             &mut entry,
-            root,
+            keep_owners,
             link.as_deref(),
             &mut made,
         )?;
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Creates the parents of `rel` beneath `dir` (noting those it made in
@@ -579,26 +581,38 @@ fn write_member(
     rel: &Path,
     m: &Member,
     data: &mut impl Read,
-    root: bool,
+    keep_owners: bool,
     link: Option<&Path>,
     made: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<()> {
     let (parent, name) = parent_of(dir, rel, made)?;
     let p = parent.as_raw_fd();
-    let perm = m.mode & 0o7777;
-    let owner = |fd: libc::c_int, name: Option<&CString>| {
-        if root {
-            let (uid, gid) = (
-                libc::uid_t::try_from(m.uid).unwrap_or(0),
-                libc::gid_t::try_from(m.gid).unwrap_or(0),
-            );
-            // SAFETY: valid descriptor (and C string); failure is ignored, as tar does.
-            unsafe {
-                match name {
-                    Some(n) => libc::fchownat(fd, n.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW),
-                    None => libc::fchown(fd, uid, gid),
-                };
+    // docker's rules: what is copied out belongs to the invoking user
+    // unless `--archive` keeps the archive's owners; setuid and setgid bits
+    // stay only on a file whose owner was kept.
+    let owner = |fd: libc::c_int, name: Option<&CString>| -> bool {
+        if !keep_owners {
+            return false;
+        }
+        let (Ok(uid), Ok(gid)) = (libc::uid_t::try_from(m.uid), libc::gid_t::try_from(m.gid))
+        else {
+            return false;
+        };
+        // SAFETY: valid descriptor (and C string); failure (not root, an
+        // owner the host refuses) leaves the invoking user's.
+        let r = unsafe {
+            match name {
+                Some(n) => libc::fchownat(fd, n.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW),
+                None => libc::fchown(fd, uid, gid),
             }
+        };
+        r == 0
+    };
+    let perm = |kept: bool| {
+        if kept {
+            m.mode & 0o7777
+        } else {
+            m.mode & 0o1777
         }
     };
     let times = |fd: libc::c_int| {
@@ -628,9 +642,9 @@ fn write_member(
             if !made.contains(rel) {
                 return Ok(());
             }
-            owner(d.as_raw_fd(), None);
+            let kept = owner(d.as_raw_fd(), None);
             // SAFETY: valid descriptor.
-            unsafe { libc::fchmod(d.as_raw_fd(), perm) };
+            unsafe { libc::fchmod(d.as_raw_fd(), perm(kept)) };
             times(d.as_raw_fd());
         }
         EntryType::Regular | EntryType::Continuous => {
@@ -652,9 +666,9 @@ fn write_member(
             // SAFETY: a new descriptor nobody else owns.
             let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
             io::copy(data, &mut f)?;
-            owner(f.as_raw_fd(), None);
+            let kept = owner(f.as_raw_fd(), None);
             // SAFETY: valid descriptor.
-            unsafe { libc::fchmod(f.as_raw_fd(), perm) };
+            unsafe { libc::fchmod(f.as_raw_fd(), perm(kept)) };
             times(f.as_raw_fd());
         }
         EntryType::Symlink => {
@@ -680,7 +694,7 @@ fn write_member(
         EntryType::Fifo => {
             clear(parent.as_fd(), &name);
             // SAFETY: valid C string and descriptor.
-            check(unsafe { libc::mkfifoat(p, name.as_ptr(), perm) })?;
+            check(unsafe { libc::mkfifoat(p, name.as_ptr(), perm(false)) })?;
             owner(p, Some(&name));
         }
         // Device nodes and anything else are not made on the host.
@@ -732,14 +746,20 @@ mod tests {
         archive_host(&src, &mut tar).unwrap();
         let into = tmp.path().join("into");
         std::fs::create_dir(&into).unwrap();
-        unpack_on_host(&mut tar.as_slice(), &into, Some(OsStr::new("src"))).unwrap();
+        unpack_on_host(&mut tar.as_slice(), &into, Some(OsStr::new("src")), false).unwrap();
         assert_eq!(std::fs::read_to_string(into.join("src/d/f")).unwrap(), "x");
         assert_eq!(
             std::fs::read_link(into.join("src/l")).unwrap(),
             Path::new("/etc/passwd")
         );
         let renamed = tmp.path().join("renamed");
-        unpack_on_host(&mut tar.as_slice(), &renamed, Some(OsStr::new("src"))).unwrap();
+        unpack_on_host(
+            &mut tar.as_slice(),
+            &renamed,
+            Some(OsStr::new("src")),
+            false,
+        )
+        .unwrap();
         assert_eq!(std::fs::read_to_string(renamed.join("d/f")).unwrap(), "x");
     }
 
@@ -759,14 +779,16 @@ mod tests {
             b.append(&header(EntryType::Regular, "top/esc/pwned", 1), &b"x"[..])
                 .unwrap();
         });
-        assert!(unpack_on_host(&mut evil.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
+        assert!(
+            unpack_on_host(&mut evil.as_slice(), &dest, Some(OsStr::new("top")), false).is_err()
+        );
         assert!(!outside.join("pwned").exists());
         // `..` in a path, and a hard link to a host file.
         let mut dotdot = header(EntryType::Regular, "x", 1);
         dotdot.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"../pwn");
         dotdot.set_cksum();
         let up = tar_of(|b| b.append(&dotdot, &b"x"[..]).unwrap());
-        assert!(unpack_on_host(&mut up.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
+        assert!(unpack_on_host(&mut up.as_slice(), &dest, Some(OsStr::new("top")), false).is_err());
         assert!(!tmp.path().join("pwn").exists());
         let link = tar_of(|b| {
             let mut h = header(EntryType::Link, "top/hl", 0);
@@ -774,7 +796,9 @@ mod tests {
             h.set_cksum();
             b.append(&h, io::empty()).unwrap();
         });
-        assert!(unpack_on_host(&mut link.as_slice(), &dest, Some(OsStr::new("top"))).is_err());
+        assert!(
+            unpack_on_host(&mut link.as_slice(), &dest, Some(OsStr::new("top")), false).is_err()
+        );
     }
 
     /// `hull cp web:/var/log/app.log ~/` with a guest that adds siblings:
@@ -798,11 +822,13 @@ mod tests {
             .unwrap();
         });
         let app = Some(OsStr::new("app.log"));
-        assert!(unpack_on_host(&mut sibling.as_slice(), &home, app).is_err());
+        assert!(unpack_on_host(&mut sibling.as_slice(), &home, app, false).is_err());
         assert!(!home.join(".ssh").exists());
         assert_eq!(std::fs::read(home.join("app.log")).unwrap(), b"x");
         // Renamed: the sibling is not put beside the new name either.
-        assert!(unpack_on_host(&mut sibling.as_slice(), &home.join("copy.log"), app).is_err());
+        assert!(
+            unpack_on_host(&mut sibling.as_slice(), &home.join("copy.log"), app, false).is_err()
+        );
         assert!(!home.join(".ssh").exists());
         assert_eq!(std::fs::read(home.join("copy.log")).unwrap(), b"x");
         // A hard link to a sibling's path.
@@ -813,7 +839,7 @@ mod tests {
             b.append(&h, io::empty()).unwrap();
         });
         std::fs::write(home.join(".bashrc"), "mine").unwrap();
-        assert!(unpack_on_host(&mut link.as_slice(), &home.join("new"), app).is_err());
+        assert!(unpack_on_host(&mut link.as_slice(), &home.join("new"), app, false).is_err());
         assert!(!home.join("new").exists());
         // `hull cp web:/data ~/` with a ~/data already there: its mode stays.
         std::fs::create_dir(home.join("data")).unwrap();
@@ -827,7 +853,7 @@ mod tests {
             b.append(&header(EntryType::Regular, "data/f", 1), &b"y"[..])
                 .unwrap();
         });
-        unpack_on_host(&mut data.as_slice(), &home, Some(OsStr::new("data"))).unwrap();
+        unpack_on_host(&mut data.as_slice(), &home, Some(OsStr::new("data")), false).unwrap();
         let mode = std::fs::metadata(home.join("data"))
             .unwrap()
             .permissions()
@@ -841,8 +867,51 @@ mod tests {
             b.append(&header(EntryType::Regular, "./etc", 1), &b"z"[..])
                 .unwrap();
         });
-        unpack_on_host(&mut root.as_slice(), &home.join("rootfs"), None).unwrap();
+        unpack_on_host(&mut root.as_slice(), &home.join("rootfs"), None, false).unwrap();
         assert_eq!(std::fs::read(home.join("rootfs/etc")).unwrap(), b"z");
+    }
+
+    /// What is copied out belongs to the invoking user and loses setuid and
+    /// setgid, as docker does; `--archive` keeps owners (as root) and with
+    /// them the bits.
+    #[test]
+    fn copied_out_files_belong_to_the_user_without_setuid() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let suid = tar_of(|b| {
+            let mut h = header(EntryType::Directory, "d", 0);
+            h.set_mode(0o3775);
+            h.set_uid(1234);
+            h.set_gid(1234);
+            h.set_cksum();
+            b.append(&h, io::empty()).unwrap();
+            let mut h = header(EntryType::Regular, "d/sh", 1);
+            h.set_mode(0o6755);
+            h.set_uid(1234);
+            h.set_gid(1234);
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+        });
+        // SAFETY: geteuid and getegid cannot fail.
+        let (me, group) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir(&plain).unwrap();
+        unpack_on_host(&mut suid.as_slice(), &plain, Some(OsStr::new("d")), false).unwrap();
+        for (p, mode) in [("d", 0o1775), ("d/sh", 0o755)] {
+            let m = std::fs::metadata(plain.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (me, group), "{p}");
+            assert_eq!(m.mode() & 0o7777, mode, "{p}");
+        }
+        let kept = tmp.path().join("kept");
+        std::fs::create_dir(&kept).unwrap();
+        unpack_on_host(&mut suid.as_slice(), &kept, Some(OsStr::new("d")), true).unwrap();
+        let m = std::fs::metadata(kept.join("d/sh")).unwrap();
+        if me == 0 {
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 1234, 0o6755));
+        } else {
+            // Not root: the owner could not be kept, so neither are the bits.
+            assert_eq!((m.uid(), m.mode() & 0o7777), (me, 0o755));
+        }
     }
 
     #[test]
@@ -852,7 +921,7 @@ mod tests {
         h.set_cksum();
         let mut data = h.as_bytes().to_vec();
         data.extend_from_slice(&[0u8; 1024]);
-        let err = unpack_on_host(&mut data.as_slice(), tmp.path(), None).unwrap_err();
+        let err = unpack_on_host(&mut data.as_slice(), tmp.path(), None, false).unwrap_err();
         assert!(err.to_string().contains("long name"), "{err}");
     }
 }
