@@ -29,8 +29,10 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 const MAX_LONG_NAME: u64 = 64 * 1024;
 /// Largest PAX extended header accepted.
 const MAX_PAX: u64 = 1 << 20;
-/// Most of the guest's error text kept.
+/// Most of the guest's error text kept while it arrives.
 const MAX_MESSAGE: usize = 4096;
+/// Most of the guest's error text shown.
+const MAX_SHOWN: usize = 1024;
 /// Chunks of an archive sent to the guest.
 const CHUNK: usize = 64 << 10;
 /// `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`.
@@ -143,6 +145,41 @@ fn absolute(p: &str) -> Result<String> {
     }
 }
 
+/// The guest's text as it may reach the user's terminal: no control or
+/// formatting characters (escape sequences, carriage returns, bidi
+/// overrides), one line, at most `MAX_SHOWN` bytes.
+fn shown(text: &str) -> String {
+    let mut out = String::new();
+    for word in text
+        .split(|c: char| c.is_control() || c.is_whitespace() || is_format(c))
+        .filter(|w| !w.is_empty())
+    {
+        let sep = usize::from(!out.is_empty());
+        if out.len() + sep + word.len() > MAX_SHOWN {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            for c in word.chars() {
+                if out.len() + c.len_utf8() > MAX_SHOWN {
+                    break;
+                }
+                out.push(c);
+            }
+            break;
+        }
+        if sep == 1 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+/// Unicode's invisible formatting characters a terminal may act on.
+fn is_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 /// Chunks what is written into `Stdin` frames.
 struct FrameWriter(UnixStream);
 
@@ -207,14 +244,14 @@ impl Session {
                 }
                 Frame::Exited(0) => self.end = Some(Ok(())),
                 Frame::Exited(code) => {
-                    let m = self.message.trim();
+                    let m = shown(&self.message);
                     self.end = Some(Err(if m.is_empty() {
                         format!("the copy failed in the container (status {code})")
                     } else {
-                        m.to_string()
+                        m
                     }));
                 }
-                Frame::Failed { message, .. } => self.end = Some(Err(message)),
+                Frame::Failed { message, .. } => self.end = Some(Err(shown(&message))),
                 _ => {}
             }
         }
@@ -721,6 +758,39 @@ mod tests {
         h.set_mode(0o644);
         h.set_cksum();
         h
+    }
+
+    #[test]
+    fn guest_messages_are_one_short_clean_line() {
+        assert_eq!(
+            shown("no such file\n\x1b]0;owned\x07\r\u{202e}txt.exe\t x"),
+            "no such file ]0;owned txt.exe x"
+        );
+        assert_eq!(shown(" \n "), "");
+        let long = shown(&"é".repeat(4096));
+        assert!(
+            long.len() <= MAX_SHOWN && long.len() > MAX_SHOWN - 2,
+            "{}",
+            long.len()
+        );
+        assert!(!long.contains(char::is_control));
+        // Through a session: the guest's stderr, and its Failed message.
+        for end in [
+            Frame::Exited(1),
+            Frame::Failed {
+                code: 125,
+                message: "bad\x1b[2J\nthing".into(),
+            },
+        ] {
+            let (host, mut guest) = UnixStream::pair().unwrap();
+            let session = start(host, &Request::CopyOut { path: "/x".into() }).unwrap();
+            Frame::Stderr(b"bad\x1b[2J\nthing\n".to_vec())
+                .write_to(&mut guest)
+                .unwrap();
+            end.write_to(&mut guest).unwrap();
+            let err = session.finish().unwrap_err().to_string();
+            assert_eq!(err, "bad [2J thing");
+        }
     }
 
     #[test]
