@@ -16,7 +16,10 @@
 //! read-only below it: it is started in a mount namespace of its own where
 //! the shared directory is a read-only bind mount, which its sandbox's own
 //! bind mount of the directory inherits. Writes are then refused by the
-//! host kernel (EROFS), whatever the guest does.
+//! host kernel (EROFS), whatever the guest does. The bind is recursive, and
+//! so is its read-only flag: every mount under the directory is read-only
+//! too (`mount_setattr(AT_RECURSIVE)`, else each one from the mount table),
+//! and the server is not started if one could not be made so.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -120,17 +123,11 @@ fn start_with(
         .stderr(Stdio::piped());
     if read_only {
         let src = cstring(source)?;
+        let mut table = ReadOnlyTable::new();
         // SAFETY: between fork and exec the closure only makes system calls
-        // on memory prepared before the fork (`src`).
+        // on memory prepared before the fork (`src`, `table`).
         unsafe {
             cmd.pre_exec(move || {
-                let check = |r: libc::c_int| {
-                    if r < 0 {
-                        Err(std::io::Error::last_os_error())
-                    } else {
-                        Ok(())
-                    }
-                };
                 check(libc::unshare(libc::CLONE_NEWNS))?;
                 check(libc::mount(
                     std::ptr::null(),
@@ -139,20 +136,7 @@ fn start_with(
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
                 ))?;
-                check(libc::mount(
-                    src.as_ptr(),
-                    src.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ))?;
-                check(libc::mount(
-                    std::ptr::null(),
-                    src.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ))
+                read_only_tree(&src, &mut table, false)
             });
         }
     }
@@ -209,6 +193,211 @@ fn wait_listening(mut server: Server, source: &Path, log: &Path) -> Result<Serve
     }
 }
 
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `ST_RELATIME` (sys/statvfs.h; not in libc for every target).
+const ST_RELATIME: libc::c_ulong = 1 << 12;
+
+/// `MOUNT_ATTR_RDONLY` (linux/mount.h).
+const MOUNT_ATTR_RDONLY: u64 = 1;
+
+/// `struct mount_attr` (linux/mount.h), by hand: libc has the system call's
+/// number but not, for every target, its argument.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Memory for [`read_only_tree`]'s fallback, allocated before the fork:
+/// the mount table and one unescaped mount point.
+struct ReadOnlyTable {
+    buf: Vec<u8>,
+    path: Vec<u8>,
+}
+
+impl ReadOnlyTable {
+    /// A mount table larger than this makes the fallback fail (closed).
+    const MAX: usize = 4 << 20;
+
+    fn new() -> Self {
+        Self {
+            buf: vec![0; Self::MAX],
+            path: vec![0; libc::PATH_MAX as usize + 1],
+        }
+    }
+}
+
+/// Bind-mounts `src` (canonical) onto itself, recursively, and makes it and
+/// every mount under it read-only, in the calling process's mount namespace
+/// (private: nothing propagates). `mount_setattr(AT_RECURSIVE)` does it at
+/// once; where the kernel lacks it (before 5.12), or with `fallback`, each
+/// mount at or under `src` in `/proc/self/mountinfo` is remounted read-only.
+/// Any failure is an error: the caller must not serve the tree.
+///
+/// Runs between fork and exec: no allocation, system calls only.
+fn read_only_tree(
+    src: &std::ffi::CStr,
+    table: &mut ReadOnlyTable,
+    fallback: bool,
+) -> std::io::Result<()> {
+    // SAFETY: valid C strings; the results are checked.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            src.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })?;
+    if !fallback {
+        // SAFETY: a valid C string; the descriptor is closed below.
+        let fd = unsafe {
+            libc::open(
+                src.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        check(fd)?;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: an open descriptor, an empty C string and a `mount_attr`
+        // of the size passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                fd,
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+                std::ptr::addr_of!(attr),
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the descriptor opened above.
+        unsafe { libc::close(fd) };
+        if r == 0 {
+            return Ok(());
+        }
+        if err.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(err);
+        }
+    }
+    remount_each(src.to_bytes(), table)
+}
+
+/// The fallback of [`read_only_tree`]: remounts every mount at or under
+/// `src` read-only, keeping its nosuid/nodev/noexec/atime flags.
+fn remount_each(src: &[u8], table: &mut ReadOnlyTable) -> std::io::Result<()> {
+    let too_big = || std::io::Error::from_raw_os_error(libc::E2BIG);
+    // SAFETY: a valid C string; the result is checked and closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/mountinfo".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    check(fd)?;
+    let mut len = 0;
+    let read = loop {
+        if len == table.buf.len() {
+            break Err(too_big());
+        }
+        // SAFETY: the room left in `buf`.
+        let n = unsafe {
+            libc::read(
+                fd,
+                table.buf[len..].as_mut_ptr().cast(),
+                table.buf.len() - len,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => break Ok(()),
+            Ok(n) => len += n,
+            Err(_) => break Err(std::io::Error::last_os_error()),
+        }
+    };
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(fd) };
+    read?;
+    let (buf, path) = (&table.buf[..len], &mut table.path);
+    let mut found = false;
+    for line in buf.split(|b| *b == b'\n') {
+        // Field 5 is the mount point, with space, tab, newline and
+        // backslash written as octal escapes.
+        let Some(point) = line.split(|b| *b == b' ').nth(4) else {
+            continue;
+        };
+        let mut n = 0;
+        let mut i = 0;
+        while i < point.len() {
+            let mut b = point[i];
+            if b == b'\\'
+                && i + 3 < point.len()
+                && point[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+            {
+                b = (point[i + 1] - b'0') * 64 + (point[i + 2] - b'0') * 8 + (point[i + 3] - b'0');
+                i += 3;
+            }
+            if n + 1 >= path.len() {
+                return Err(too_big());
+            }
+            path[n] = b;
+            n += 1;
+            i += 1;
+        }
+        let p = &path[..n];
+        let under =
+            p == src || (p.starts_with(src) && p.get(src.len()) == Some(&b'/')) || src == b"/";
+        if !under {
+            continue;
+        }
+        path[n] = 0;
+        // SAFETY: `statvfs` is plain data; all-zero is valid.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated; `st` is writable.
+        check(unsafe { libc::statvfs(path.as_ptr().cast(), &mut st) })?;
+        let keep = libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC
+            | libc::MS_NOATIME
+            | libc::MS_NODIRATIME;
+        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | (st.f_flag & keep);
+        if st.f_flag & ST_RELATIME != 0 {
+            flags |= libc::MS_RELATIME;
+        }
+        // SAFETY: `path` is NUL-terminated.
+        check(unsafe {
+            libc::mount(
+                std::ptr::null(),
+                path.as_ptr().cast(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        })?;
+        found = true;
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+    }
+}
+
 /// Starts one server per share, sockets and logs named after the
 /// container's short id.
 ///
@@ -238,6 +427,56 @@ pub fn start_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `:ro` share is read-only all the way down: a mount under the
+    /// shared directory is read-only too, through `mount_setattr` and
+    /// through the fallback.
+    #[test]
+    fn read_only_shares_are_read_only_below_their_sub_mounts() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (mount namespaces)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(share.join("sub")).unwrap();
+        let script = format!(
+            "touch {d}/y 2>/dev/null && exit 10; touch {d}/sub/x 2>/dev/null && exit 11; \
+             grep -q ' {d}/sub ' /proc/self/mountinfo || exit 12; exit 0",
+            d = share.display()
+        );
+        for fallback in [false, true] {
+            let src = cstring(&share).unwrap();
+            let sub = cstring(&share.join("sub")).unwrap();
+            let mut table = ReadOnlyTable::new();
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", &script]);
+            // SAFETY: system calls only, on memory prepared before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    check(libc::unshare(libc::CLONE_NEWNS))?;
+                    check(libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ))?;
+                    check(libc::mount(
+                        c"tmpfs".as_ptr(),
+                        sub.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    ))?;
+                    read_only_tree(&src, &mut table, fallback)
+                });
+            }
+            let status = cmd.status().unwrap();
+            assert_eq!(status.code(), Some(0), "fallback {fallback}: {status}");
+        }
+    }
 
     #[test]
     fn a_missing_server_binary_is_one_clear_error() {
