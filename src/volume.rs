@@ -47,6 +47,10 @@ pub enum HostMount {
         target: String,
         /// Read-only.
         read_only: bool,
+        /// The directory's identity when the container was created (absent
+        /// in records from before it was kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<BindIdentity>,
     },
     /// A named (or anonymous) volume.
     Volume {
@@ -72,6 +76,97 @@ pub enum HostMount {
         /// Read-only.
         read_only: bool,
     },
+}
+
+/// Which host directory a bind source was: device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindIdentity {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl BindIdentity {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// Opens a recorded bind source as the directory it was at create time:
+/// walked from `/` with no symlink followed (a container that shares a
+/// parent of the source could have swapped a component for a symlink to
+/// anywhere on the host), and, where recorded, the same (device, inode).
+///
+/// # Errors
+/// The source is gone, reached through a symlink, or another directory.
+pub fn open_bind_source(
+    source: &Path,
+    identity: Option<&BindIdentity>,
+) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let rel = source.strip_prefix("/").map_err(|_| {
+        usage(format!(
+            "bind source {} is not absolute: remove the container",
+            source.display()
+        ))
+    })?;
+    let rel = if rel.as_os_str().is_empty() {
+        std::ffi::CString::from(c".")
+    } else {
+        std::ffi::CString::new(rel.as_os_str().as_bytes())?
+    };
+    let root = fs::File::open("/")?;
+    // SAFETY: `open_how` is plain data; all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = u64::from((libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC).cast_unsigned());
+    // RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS.
+    how.resolve = 0x04 | 0x02;
+    // SAFETY: a valid C string and an `open_how` of the size passed; an
+    // open descriptor.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            rel.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    let Ok(fd) = libc::c_int::try_from(r) else {
+        return Err("openat2 returned a bad descriptor".into());
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(usage(match e.raw_os_error() {
+            Some(libc::ELOOP) => format!(
+                "bind source {} is now reached through a symlink, refused: restore the directory \
+                 or remove the container",
+                source.display()
+            ),
+            Some(libc::ENOENT | libc::ENOTDIR) => format!(
+                "bind source {} is gone: recreate it or remove the container",
+                source.display()
+            ),
+            _ => format!("cannot open bind source {}: {e}", source.display()),
+        }));
+    }
+    // SAFETY: openat2 returned a new descriptor nobody else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let now = BindIdentity::of(&fs::File::from(dir.try_clone()?).metadata()?);
+    if identity.is_some_and(|was| *was != now) {
+        return Err(usage(format!(
+            "bind source {} is no longer the directory the container was created with, refused: \
+             remove the container and create it again",
+            source.display()
+        )));
+    }
+    Ok(dir)
 }
 
 impl HostMount {
@@ -140,7 +235,7 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
-fn bind_source(src: &str, flag: &str) -> Result<PathBuf> {
+fn bind_source(src: &str, flag: &str) -> Result<(PathBuf, BindIdentity)> {
     let path = if src.starts_with('/') {
         PathBuf::from(src)
     } else {
@@ -152,13 +247,14 @@ fn bind_source(src: &str, flag: &str) -> Result<PathBuf> {
             path.display()
         ))
     })?;
-    if !real.is_dir() {
+    let meta = fs::metadata(&real)?;
+    if !meta.is_dir() {
         return Err(usage(format!(
             "invalid {flag}: bind source {} is not a directory (hull shares directories only)",
             path.display()
         )));
     }
-    Ok(real)
+    Ok((real, BindIdentity::of(&meta)))
 }
 
 /// Parses one `-v` flag: `HOSTDIR:CTRDIR[:ro|rw]`, `NAME:CTRDIR[:ro|rw]`
@@ -204,11 +300,15 @@ pub fn parse_volume_flag(text: &str) -> Result<HostMount> {
             read_only,
             anonymous: true,
         },
-        Some(s) if s.starts_with('/') || s.starts_with('.') => HostMount::Bind {
-            source: bind_source(s, "-v")?,
-            target,
-            read_only,
-        },
+        Some(s) if s.starts_with('/') || s.starts_with('.') => {
+            let (source, identity) = bind_source(s, "-v")?;
+            HostMount::Bind {
+                source,
+                target,
+                read_only,
+                identity: Some(identity),
+            }
+        }
         Some(s) if valid_name(s) => HostMount::Volume {
             name: s.to_string(),
             target,
@@ -288,16 +388,20 @@ pub fn parse_mount_flag<'a>(text: &'a str) -> Result<HostMount> {
     )?;
     let tmpfs_only = size.is_some() || mode.is_some();
     Ok(match kind {
-        "bind" if !tmpfs_only => HostMount::Bind {
-            source: bind_source(
+        "bind" if !tmpfs_only => {
+            let (source, identity) = bind_source(
                 source.ok_or_else(|| {
                     usage(format!("invalid --mount {text:?}: a bind needs source="))
                 })?,
                 "--mount",
-            )?,
-            target,
-            read_only,
-        },
+            )?;
+            HostMount::Bind {
+                source,
+                target,
+                read_only,
+                identity: Some(identity),
+            }
+        }
         "volume" if !tmpfs_only => match source {
             None => HostMount::Volume {
                 name: String::new(),
@@ -506,6 +610,7 @@ pub fn inspect_mount(m: &HostMount) -> serde_json::Value {
             source,
             target,
             read_only,
+            ..
         } => serde_json::json!({
             "Type": "bind", "Source": source, "Destination": target, "RW": !read_only,
         }),
@@ -854,14 +959,12 @@ pub fn prepare(store_root: &Path, mounts: &[HostMount]) -> Result<Prepared> {
     for m in mounts {
         match m {
             HostMount::Bind {
-                source, read_only, ..
+                source,
+                read_only,
+                identity,
+                ..
             } => {
-                if !source.is_dir() {
-                    return Err(usage(format!(
-                        "bind source {} is gone: recreate it or remove the container",
-                        source.display()
-                    )));
-                }
+                open_bind_source(source, identity.as_ref())?;
                 out.shares.push((source.clone(), *read_only));
             }
             HostMount::Volume {
@@ -916,9 +1019,10 @@ mod tests {
         assert_eq!(
             parse_volume_flag(&format!("{d}:/src:ro")).unwrap(),
             HostMount::Bind {
+                identity: Some(BindIdentity::of(&fs::metadata(&real).unwrap())),
                 source: real,
                 target: "/src".into(),
-                read_only: true
+                read_only: true,
             }
         );
         assert_eq!(
@@ -946,6 +1050,52 @@ mod tests {
         let file = dir.path().join("f");
         fs::write(&file, "").unwrap();
         assert!(msg(parse_volume_flag(&format!("{}:/f", file.display()))).contains("directory"));
+    }
+
+    /// `-v /srv/app:/app -v /srv/app/data:/data`, and the container makes
+    /// /app/data a symlink to `/`: the next start refuses the share instead
+    /// of serving the host's root; so it does for another directory put in
+    /// its place.
+    #[test]
+    fn a_bind_source_swapped_since_create_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = fs::canonicalize(dir.path()).unwrap().join("app");
+        fs::create_dir_all(app.join("data")).unwrap();
+        let m = parse_volume_flag(&format!("{}/data:/data", app.display())).unwrap();
+        let HostMount::Bind {
+            source, identity, ..
+        } = &m
+        else {
+            panic!("{m:?}");
+        };
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        assert_eq!(
+            prepare(&root, std::slice::from_ref(&m))
+                .unwrap()
+                .shares
+                .len(),
+            1
+        );
+        fs::remove_dir(source).unwrap();
+        std::os::unix::fs::symlink("/", source).unwrap();
+        let err = err_of(prepare(&root, std::slice::from_ref(&m)).map(|_| ()));
+        assert!(err.contains("through a symlink"), "{err}");
+        // A symlink higher up is refused the same way.
+        let moved = app.with_file_name("elsewhere");
+        fs::rename(&app, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &app).unwrap();
+        assert!(err_of(open_bind_source(source, None)).contains("through a symlink"));
+        fs::remove_file(&app).unwrap();
+        fs::create_dir_all(source).unwrap();
+        let err = err_of(open_bind_source(source, identity.as_ref()));
+        assert!(err.contains("no longer the directory"), "{err}");
+        fs::remove_dir(source).unwrap();
+        assert!(err_of(open_bind_source(source, identity.as_ref())).contains("is gone"));
+    }
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
     }
 
     #[test]
