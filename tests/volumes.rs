@@ -261,16 +261,22 @@ mkdir -p /srv/tree/a/b && echo deep > /srv/tree/a/b/f && chown 1234:4321 /srv/tr
 ln -s /etc /srv/tree/link
 hull cp /srv/tree box:/tmp/; echo "cp-in=$?"
 hull exec box sh -c 'echo "in: $(cat /tmp/tree/a/b/f) $(stat -c "%u:%g %a" /tmp/tree/a/b/f) $(readlink /tmp/tree/link)"'
-hull exec box sh -c 'mkdir -p /tmp/gen/x && echo gen > /tmp/gen/x/y && chown 77:88 /tmp/gen/x/y && ln -s /etc/passwd /tmp/gen/pw'
-hull cp box:/tmp/gen /srv/out; echo "cp-out=$?"
-echo "out: $(cat /srv/out/x/y) $(stat -c %u:%g /srv/out/x/y) $(readlink /srv/out/pw)"
-mkdir /srv/outdir; hull cp box:/tmp/gen /srv/outdir; echo "into-dir=$(cat /srv/outdir/gen/x/y)"
+hull exec box sh -c 'mkdir -p /tmp/gen/x && echo gen > /tmp/gen/x/y && chown 77:88 /tmp/gen/x/y && chmod 4755 /tmp/gen/x/y && ln -s /etc/passwd /tmp/gen/pw'
+hull cp -a box:/tmp/gen /srv/out; echo "cp-out=$?"
+echo "out: $(cat /srv/out/x/y) $(stat -c '%u:%g %a' /srv/out/x/y) $(readlink /srv/out/pw)"
+mkdir /srv/outdir; hull cp box:/tmp/gen /srv/outdir; echo "into-dir=$(cat /srv/outdir/gen/x/y) $(stat -c '%u:%g %a' /srv/outdir/gen/x/y)"
 echo "stdout-tar=$(hull cp box:/tmp/gen - | tar -t | sort | tr '\n' ' ')"
 hull exec box mkdir /tmp/in
 tar -C /srv/tree -c a | hull cp - box:/tmp/in; echo "cp-stdin=$?"
 hull exec box cat /tmp/in/a/b/f
 hull cp box:/nonexistent /srv/none 2>/tmp/err; echo "cp-missing: code=$? $(cat /tmp/err)"
 hull rm -f box >/dev/null
+# The copy runs in the container: its mounts, and only its capabilities.
+hull run -d --name cbox --cap-add SYS_ADMIN --cap-drop DAC_OVERRIDE --cap-drop DAC_READ_SEARCH busybox sleep 300 >/dev/null
+hull exec cbox sh -c 'mkdir -p /mnt/t && mount -t tmpfs none /mnt/t && echo inner > /mnt/t/f; echo s > /tmp/locked; chmod 000 /tmp/locked'
+echo "ns-cp=$(hull cp cbox:/mnt/t/f - | tar -xO)"
+hull cp cbox:/tmp/locked /srv/locked 2>/tmp/err; echo "locked: code=$? $(cat /tmp/err)"
+hull rm -f cbox >/dev/null
 "#,
         true,
     );
@@ -299,8 +305,14 @@ hull rm -f box >/dev/null
     expect(out, "cp-in=", "0");
     expect(out, "in:", "deep 1234:4321 640 /etc");
     expect(out, "cp-out=", "0");
-    expect(out, "out:", "gen 77:88 /etc/passwd");
-    expect(out, "into-dir=", "gen");
+    expect(out, "out:", "gen 77:88 4755 /etc/passwd");
+    expect(out, "into-dir=", "gen 0:0 755");
+    expect(out, "ns-cp=", "inner");
+    let locked = value(out, "locked:").unwrap_or_default();
+    assert!(
+        locked.starts_with("code=125") && locked.contains("ermission denied"),
+        "{out}"
+    );
     let listed = value(out, "stdout-tar=").unwrap_or_default();
     assert!(
         listed.contains("gen/pw") && listed.contains("gen/x/y"),

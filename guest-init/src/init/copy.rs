@@ -9,6 +9,13 @@
 //! modes and times. An archive sent to `DEST` is unpacked into `DEST` when
 //! it is a directory; otherwise its top entry becomes `DEST` (in `DEST`'s
 //! parent, which must exist).
+//!
+//! The child is confined as an exec'd process is (`security::enter`,
+//! `limit`, `drop_privileges`): it joins the main process's mount and
+//! cgroup namespaces, whose root is the container's, so every path, and
+//! every symlink an archive entry's parents meet, resolves inside the
+//! container; and it holds only the container's capabilities, so it reads
+//! and writes only what a process of the container could.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -18,6 +25,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::command::StartError;
 use crate::init::process::Child;
+use crate::init::security::{self, Confinement};
 use crate::sys;
 
 /// Which way a copy goes.
@@ -33,11 +41,16 @@ fn runtime(what: &str, e: &io::Error) -> StartError {
     StartError::new(125, format!("{what}: {e}"))
 }
 
-/// Starts the copy of `path` as a child whose pipes the event loop serves.
+/// Starts the copy of `path` as a child whose pipes the event loop serves,
+/// confined by `confine` (the container's, as for an exec'd process).
 ///
 /// # Errors
 /// Pipes or the fork failed.
-pub fn spawn(direction: Direction, path: &[u8]) -> Result<Child, StartError> {
+pub fn spawn(
+    direction: Direction,
+    path: &[u8],
+    confine: &Confinement,
+) -> Result<Child, StartError> {
     let path = PathBuf::from(OsStr::from_bytes(path));
     let (in_r, in_w) = if direction == Direction::In {
         let (r, w) = sys::pipe().map_err(|e| runtime("pipe", &e))?;
@@ -58,7 +71,7 @@ pub fn spawn(direction: Direction, path: &[u8]) -> Result<Child, StartError> {
         return Err(runtime("fork", &io::Error::last_os_error()));
     }
     if pid == 0 {
-        child_main(direction, &path, &in_r, &out_w, &err_w);
+        child_main(direction, &path, confine, &in_r, &out_w, &err_w);
     }
     drop((in_r, out_w, err_w));
     for fd in in_w.iter().chain([&out_r, &err_r]) {
@@ -74,9 +87,17 @@ pub fn spawn(direction: Direction, path: &[u8]) -> Result<Child, StartError> {
     })
 }
 
+/// Into the container, with its privileges: as an exec'd process as root.
+fn confine_self(c: &Confinement) -> Result<(), String> {
+    security::enter(c)?;
+    security::limit(c)?;
+    security::drop_privileges(c)
+}
+
 fn child_main(
     direction: Direction,
     path: &Path,
+    confine: &Confinement,
     stdin: &OwnedFd,
     stdout: &OwnedFd,
     stderr: &OwnedFd,
@@ -91,6 +112,11 @@ fn child_main(
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    if let Err(m) = confine_self(confine) {
+        let _ = writeln!(io::stderr(), "cannot enter the container: {m}");
+        // SAFETY: ending the child without the parent's atexit handlers.
+        unsafe { libc::_exit(125) }
     }
     let result = match direction {
         // SAFETY: descriptors 0 and 1 were just set up and are this child's.

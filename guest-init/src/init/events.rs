@@ -554,6 +554,9 @@ impl Loop<'_> {
         path: &[u8],
     ) -> Result<(), StartError> {
         let busy = |m: String| StartError::new(125, m);
+        if self.main.exit.is_some() {
+            return Err(busy(NOT_RUNNING.into()));
+        }
         if id == 0 || self.execs.iter().any(|p| p.id == id) {
             return Err(busy(format!("copy id {id} is already in use")));
         }
@@ -562,7 +565,10 @@ impl Loop<'_> {
                 "too many exec'd processes (at most {MAX_EXECS} at once)"
             )));
         }
-        let child = super::copy::spawn(direction, path)?;
+        // In the container as an exec'd process is: its namespaces (and
+        // root), cgroup, limits and capabilities.
+        let confine = super::security::for_exec(&self.spec.security)?;
+        let child = super::copy::spawn(direction, path, &confine)?;
         self.execs.push(Proc::new(
             id,
             child,
