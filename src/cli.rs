@@ -283,8 +283,9 @@ pub struct RunArgs {
     #[arg(short = 'P', long = "publish-all")]
     pub publish_all: bool,
     /// The container's network: passt (default: user-mode, no root needed),
-    /// none (loopback only) or tap:NAME (an existing TAP interface).
-    #[arg(long, alias = "net", value_name = "NETWORK")]
+    /// none (loopback only) or tap:NAME (an existing TAP interface); the
+    /// default can be set with HULL_NETWORK.
+    #[arg(long, alias = "net", value_name = "NETWORK", env = "HULL_NETWORK")]
     pub network: Option<String>,
     /// A DNS server for the container (replaces the default resolver).
     #[arg(long, value_name = "IP")]

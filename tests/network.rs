@@ -102,6 +102,7 @@ fn image_script(tools: &[&str]) -> String {
 fn passt_network_publish_host_services_dns_and_none() {
     let mut host = EmulatedHost::new()
         .with_hull_runtime()
+        .host_env("HULL_NETWORK", "passt")
         .module("dummy")
         .timeout(600)
         .cpus(2);

@@ -232,6 +232,8 @@ pub struct EmulatedHost {
     modules: Vec<String>,
     append: Vec<String>,
     envs: Vec<(String, String)>,
+    /// Exported at the top of the script, inside the emulated host.
+    script_env: Vec<(String, String)>,
 }
 
 impl EmulatedHost {
@@ -277,8 +279,13 @@ impl EmulatedHost {
     /// [`HULL_IN_HOST`] and [`HULL_INIT_IN_HOST`], the test kernel at
     /// [`KERNEL_IN_HOST`] (give it with `HULL_KERNEL`), and `mkfs.ext4` with its
     /// libraries ([`mkfs_ext4_files`]; on `PATH` with `/sbin`).
+    ///
+    /// Containers get no network there (`HULL_NETWORK=none`): passt is not in
+    /// the emulated host unless a test puts it there and asks for it with
+    /// [`host_env`](Self::host_env)`("HULL_NETWORK", "passt")`.
     pub fn with_hull_runtime(self) -> Self {
-        let mut host = self
+        let mut host = self.host_env("HULL_NETWORK", "none");
+        host = host
             .with_stripped_hull()
             .file(stripped(&hull_init_bin()), HULL_INIT_IN_HOST)
             .with_test_kernel();
@@ -344,6 +351,14 @@ impl EmulatedHost {
         self
     }
 
+    /// Exports `key=value` at the top of the script in the emulated host
+    /// (replacing an earlier value of `key`).
+    pub fn host_env(mut self, key: &str, value: &str) -> Self {
+        self.script_env.retain(|(k, _)| k != key);
+        self.script_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// The command line `run` would execute (the script goes to its stdin).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(emulated_host_script());
@@ -406,7 +421,12 @@ impl EmulatedHost {
         });
         // The script is small; write it all, then close stdin.
         if let Some(mut stdin) = child.stdin.take() {
-            if let Err(e) = stdin.write_all(script.as_bytes()) {
+            let exports: String = self
+                .script_env
+                .iter()
+                .map(|(k, v)| format!("export {k}='{v}'\n"))
+                .collect();
+            if let Err(e) = stdin.write_all(format!("{exports}{script}").as_bytes()) {
                 eprintln!("emulated-host: writing the script to {cmd:?} failed: {e}");
             }
         }
