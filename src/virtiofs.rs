@@ -66,11 +66,13 @@ fn sandbox() -> &'static str {
     }
 }
 
-/// A running server; stopped (and its socket removed) when dropped.
+/// A running server; stopped (and its socket and mount point removed) when
+/// dropped.
 #[derive(Debug)]
 pub struct Server {
     child: Child,
     socket: PathBuf,
+    root: Option<PathBuf>,
 }
 
 impl Drop for Server {
@@ -79,6 +81,9 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(root) = &self.root {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 }
 
@@ -86,18 +91,45 @@ fn cstring(p: &Path) -> Result<CString> {
     Ok(CString::new(p.as_os_str().as_bytes())?)
 }
 
-/// Starts a server for `source` listening on `socket`; its messages go to
-/// `log` (capped). Returns once it listens.
+/// Starts a server for `share` listening on `socket`; its messages go to
+/// `log` (capped). It serves the directory `share` holds open, bind-mounted
+/// (in a mount namespace of its own) on `root`, an empty directory of
+/// hull's: no path the container can change is resolved after the check of
+/// [`crate::volume::open_bind_source`]. Returns once it listens.
 ///
 /// # Errors
 /// `virtiofsd` is missing, or it ended or did not listen in time.
-pub fn start(source: &Path, read_only: bool, socket: &Path, log: &Path) -> Result<Server> {
-    start_with(&binary(), source, read_only, socket, log)
+pub fn start(
+    share: &crate::volume::Share,
+    root: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Result<Server> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(root)?;
+    let mut server = start_with(
+        &binary(),
+        &share.source,
+        Some((share.dir.as_raw_fd(), root)),
+        share.read_only,
+        socket,
+        log,
+    );
+    match &mut server {
+        Ok(s) => s.root = Some(root.to_path_buf()),
+        Err(_) => {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+    server
 }
 
+/// `from`: the directory to serve (a descriptor) and where to mount it;
+/// without it `source` is served by path.
 fn start_with(
     bin: &Path,
     source: &Path,
+    from: Option<(std::os::fd::RawFd, &Path)>,
     read_only: bool,
     socket: &Path,
     log: &Path,
@@ -111,23 +143,27 @@ fn start_with(
         .into());
     }
     let _ = std::fs::remove_file(socket);
+    let served = from.map_or(source, |(_, root)| root);
     let mut cmd = Command::new(bin);
     cmd.arg(format!("--socket-path={}", socket.display()))
         .arg("-o")
-        .arg(format!("source={}", source.display()))
+        .arg(format!("source={}", served.display()))
         .args(["-o", "cache=auto", "-o", "log_level=warn"])
         .arg("-o")
         .arg(format!("sandbox={}", sandbox()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if read_only {
-        let src = cstring(source)?;
+    if read_only || from.is_some() {
+        let src = cstring(served)?;
+        let dir = from.map(|(fd, _)| fd);
         let mut table = ReadOnlyTable::new();
         // SAFETY: between fork and exec the closure only makes system calls
-        // on memory prepared before the fork (`src`, `table`).
+        // on memory prepared before the fork (`src`, `table`); the
+        // descriptor is the caller's, open across the fork.
         unsafe {
             cmd.pre_exec(move || {
+                let tree = dir.map(clone_tree).transpose()?;
                 check(libc::unshare(libc::CLONE_NEWNS))?;
                 check(libc::mount(
                     std::ptr::null(),
@@ -136,7 +172,13 @@ fn start_with(
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
                 ))?;
-                read_only_tree(&src, &mut table, false)
+                if let Some(tree) = tree {
+                    attach_tree(tree, &src)?;
+                }
+                if read_only {
+                    read_only_tree(&src, &mut table, false)?;
+                }
+                Ok(())
             });
         }
     }
@@ -161,6 +203,7 @@ fn start_with(
     let server = Server {
         child,
         socket: socket.to_path_buf(),
+        root: None,
     };
     wait_listening(server, source, log)
 }
@@ -191,6 +234,48 @@ fn wait_listening(mut server: Server, source: &Path, log: &Path) -> Result<Serve
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `OPEN_TREE_CLONE` (linux/mount.h).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `MOVE_MOUNT_F_EMPTY_PATH` (linux/mount.h).
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// In the caller's mount namespace: a detached copy of the directory behind
+/// descriptor `dir` and everything mounted under it (`open_tree`), to be
+/// attached by [`attach_tree`] in a new mount namespace (a plain bind from
+/// a mount of another namespace is refused). Between fork and exec.
+fn clone_tree(dir: std::os::fd::RawFd) -> std::io::Result<std::os::fd::RawFd> {
+    // SAFETY: an open descriptor and an empty C string; checked.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir,
+            c"".as_ptr(),
+            OPEN_TREE_CLONE
+                | libc::O_CLOEXEC.cast_unsigned()
+                | (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE).cast_unsigned(),
+        )
+    };
+    let fd = libc::c_int::try_from(r).unwrap_or(-1);
+    check(fd)?;
+    Ok(fd)
+}
+
+/// Attaches the tree of [`clone_tree`] on `root`. Between fork and exec.
+fn attach_tree(tree: std::os::fd::RawFd, root: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: an open descriptor and valid C strings; checked.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            root.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check(libc::c_int::try_from(r).unwrap_or(-1))
 }
 
 fn check(r: libc::c_int) -> std::io::Result<()> {
@@ -407,15 +492,16 @@ pub fn start_all(
     run_dir: &Path,
     container_dir: &Path,
     short_id: &str,
-    shares: &[(PathBuf, bool)],
+    shares: &[crate::volume::Share],
 ) -> Result<(Vec<Server>, Vec<vmm::FsShare>)> {
     std::fs::create_dir_all(run_dir)?;
     let mut servers = Vec::new();
     let mut config = Vec::new();
-    for (i, (source, read_only)) in shares.iter().enumerate() {
+    for (i, share) in shares.iter().enumerate() {
         let socket = run_dir.join(format!("{short_id}-fs{i}.sock"));
+        let root = run_dir.join(format!("{short_id}-fs{i}.root"));
         let log = container_dir.join(format!("virtiofsd-{i}.log"));
-        servers.push(start(source, *read_only, &socket, &log)?);
+        servers.push(start(share, &root, &socket, &log)?);
         config.push(vmm::FsShare {
             socket,
             tag: guest_init::spec::share_tag(i),
@@ -478,12 +564,58 @@ mod tests {
         }
     }
 
+    /// What is served is the directory checked at start, held open: a
+    /// source path turned into a symlink afterwards (by another container
+    /// sharing its parent) changes nothing.
+    #[test]
+    fn the_served_directory_is_the_one_held_open() {
+        use std::os::fd::AsRawFd;
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (mount namespaces)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let (data, other, root) = (base.join("data"), base.join("other"), base.join("root"));
+        for d in [&data, &other, &root] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(data.join("marker"), "checked").unwrap();
+        std::fs::write(other.join("marker"), "swapped").unwrap();
+        let held = crate::volume::open_bind_source(&data, None).unwrap();
+        std::fs::rename(&data, base.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&other, &data).unwrap();
+        let held = held.as_raw_fd();
+        let to = cstring(&root).unwrap();
+        let mut cmd = Command::new("cat");
+        cmd.arg(root.join("marker"));
+        // SAFETY: system calls only, on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let tree = clone_tree(held)?;
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                attach_tree(tree, &to)
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "checked", "{out:?}");
+    }
+
     #[test]
     fn a_missing_server_binary_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = start_with(
             &dir.path().join("nope"),
             dir.path(),
+            None,
             false,
             &dir.path().join("s"),
             &dir.path().join("l"),

@@ -936,6 +936,18 @@ pub fn remove_anonymous(store_root: &Path, mounts: &[HostMount]) {
     }
 }
 
+/// A bind source opened for one start: the directory it was at create,
+/// held by descriptor so that what is served cannot change after the check.
+#[derive(Debug)]
+pub struct Share {
+    /// The recorded path (for messages).
+    pub source: PathBuf,
+    /// The directory (`O_PATH`).
+    pub dir: std::os::fd::OwnedFd,
+    /// Read-only.
+    pub read_only: bool,
+}
+
 /// What a container's VM gets for its mounts: the volume disks (in
 /// [`guest_mounts`] order) with the volumes held, and the host directories
 /// to share (in order).
@@ -943,8 +955,8 @@ pub fn remove_anonymous(store_root: &Path, mounts: &[HostMount]) {
 pub struct Prepared {
     /// virtio-blk disks of the volumes.
     pub disks: Vec<vmm::DiskConfig>,
-    /// Host directories to serve, with read-only flags.
-    pub shares: Vec<(PathBuf, bool)>,
+    /// Host directories to serve, opened.
+    pub shares: Vec<Share>,
     /// The volumes held while the container runs.
     pub held: Vec<InUse>,
 }
@@ -964,8 +976,11 @@ pub fn prepare(store_root: &Path, mounts: &[HostMount]) -> Result<Prepared> {
                 identity,
                 ..
             } => {
-                open_bind_source(source, identity.as_ref())?;
-                out.shares.push((source.clone(), *read_only));
+                out.shares.push(Share {
+                    source: source.clone(),
+                    dir: open_bind_source(source, identity.as_ref())?,
+                    read_only: *read_only,
+                });
             }
             HostMount::Volume {
                 name, read_only, ..
