@@ -8,8 +8,10 @@
 //! (frames to the guest are marked `DATA_VALID`: the backends checked or
 //! built them) and `MTU` (a large MTU, passt's 65520, instead of TSO: one
 //! frame per 64 KiB segment with no segmentation anywhere). Receive buffers
-//! are the driver's "big packets" chains (no `MRG_RXBUF`), indirect
-//! descriptors keep them to one ring slot each.
+//! are mergeable (`MRG_RXBUF`: a frame spans as many of the driver's small
+//! buffers as it needs, so a 66-byte ACK costs the guest one small buffer,
+//! not a 17-page "big packets" chain); without it, big-packets chains, kept
+//! to one ring slot each by indirect descriptors.
 //!
 //! Every chain is checked (direction, bounds, size); a bad one is returned
 //! unused (or dropped, for transmit) without stopping the device. A backend
@@ -28,11 +30,12 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -424,6 +427,7 @@ impl Net {
             | 1 << VIRTIO_NET_F_MTU
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_RING_F_INDIRECT_DESC;
         Ok(Self {
             backend,
@@ -524,9 +528,25 @@ impl Net {
                 self.rx_frame = Some(len);
                 return Ok(());
             }
+            let data_valid = self.has(VIRTIO_NET_F_GUEST_CSUM);
+            let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
             let Some(active) = self.active.as_mut() else {
                 return Ok(());
             };
+            if mergeable {
+                if !receive_merged(
+                    active,
+                    batch,
+                    &self.rx_buf[..len],
+                    data_valid,
+                    &mut self.dropped,
+                )? {
+                    // Not enough buffers yet: the frame waits.
+                    self.rx_frame = Some(len);
+                    return Ok(());
+                }
+                continue;
+            }
             let Some((head, bufs)) = active.pop(RX, MAX_DESCS)? else {
                 // No buffer: the frame waits (the backend is not read meanwhile).
                 self.rx_frame = Some(len);
@@ -535,7 +555,6 @@ impl Net {
             batch.left[RX] -= 1;
             batch.used[RX] = true;
             let frame = &self.rx_buf[..len];
-            let data_valid = self.acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
             let written = write_rx(&active.mem, &bufs, frame, data_valid);
             if written == 0 {
                 self.dropped += 1;
@@ -644,6 +663,133 @@ impl Net {
             }
         }
     }
+}
+
+/// Puts `frame` into as many mergeable receive buffers as it needs (the
+/// first one's header says how many); false when the driver has not offered
+/// enough yet (none is taken then). A frame with an unusable buffer among
+/// its buffers is dropped: each is returned empty, which the driver skips.
+fn receive_merged(
+    active: &mut Active,
+    batch: &mut Batch,
+    frame: &[u8],
+    data_valid: bool,
+    dropped: &mut u64,
+) -> Result<bool, DeviceError> {
+    let need = (NET_HDR_LEN + frame.len()) as u64;
+    let Some(start) = active.queues.get(RX).map(QueueT::next_avail) else {
+        return Ok(false);
+    };
+    let mut chains: Vec<(u16, Vec<Buf>)> = Vec::new();
+    let mut have = 0u64;
+    let mut usable = true;
+    while have < need {
+        // At most a queue's worth per wake-up: the rest of this frame's
+        // buffers wait for the next one (a used-up budget re-signals it).
+        if chains.len() >= batch.left[RX] {
+            if batch.left[RX] >= active.budget(RX) {
+                // Buffers so small that the whole ring cannot hold the
+                // frame: dropped, or the device would wait for ever.
+                usable = false;
+                break;
+            }
+            if let Some(q) = active.queues.get_mut(RX) {
+                q.set_next_avail(start);
+            }
+            batch.left[RX] = 0;
+            return Ok(false);
+        }
+        let Some((head, bufs)) = active.pop(RX, MAX_DESCS)? else {
+            if let Some(q) = active.queues.get_mut(RX) {
+                q.set_next_avail(start);
+            }
+            return Ok(false);
+        };
+        let ok = total_len(&bufs) > 0
+            && bufs.iter().all(|b| b.writable)
+            && in_memory(&active.mem, &bufs);
+        usable &= ok;
+        have += total_len(&bufs);
+        chains.push((head, bufs));
+        if !usable {
+            break;
+        }
+    }
+    batch.left[RX] -= chains.len();
+    batch.used[RX] = true;
+    let mut lens = vec![0u32; chains.len()];
+    if usable
+        && chains
+            .first()
+            .is_some_and(|(_, b)| total_len(b) >= NET_HDR_LEN as u64)
+    {
+        let mut hdr = [0u8; NET_HDR_LEN];
+        if data_valid {
+            // The u32 binding is a one-byte flag.
+            #[allow(clippy::cast_possible_truncation)]
+            let flag = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+            hdr[0] = flag;
+        }
+        // At most a queue's worth (256) of buffers: fits.
+        let count = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        hdr[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut at = 0u64;
+        for ((_, bufs), len) in chains.iter().zip(lens.iter_mut()) {
+            let n = total_len(bufs).min(need - at);
+            if write_span(&active.mem, bufs, &hdr, frame, at, n).is_err() {
+                lens.iter_mut().for_each(|l| *l = 0);
+                break;
+            }
+            // `n` is at most one chain's length, which fits a u32 (MAX_DESCS
+            // buffers of at most u32::MAX bytes are checked against memory).
+            *len = u32::try_from(n).unwrap_or(0);
+            at += n;
+        }
+    }
+    if lens.first().is_none_or(|&l| l == 0) {
+        *dropped += 1;
+        crate::rate_limited!(debug, "virtio-net: unusable receive buffer; frame dropped");
+        lens.iter_mut().for_each(|l| *l = 0);
+    }
+    for ((head, _), len) in chains.iter().zip(lens) {
+        active.add_used(RX, *head, len)?;
+    }
+    Ok(true)
+}
+
+/// Writes bytes `[from, from + n)` of the header `hdr` followed by `frame`
+/// into `bufs`, from their start.
+fn write_span(
+    mem: &GuestMemoryMmap,
+    bufs: &[Buf],
+    hdr: &[u8; NET_HDR_LEN],
+    frame: &[u8],
+    from: u64,
+    n: u64,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut at = usize::try_from(from).unwrap_or(usize::MAX);
+    for_each_piece(bufs, 0, n, |addr, k| {
+        let mut done = 0usize;
+        while done < k {
+            let pos = at + done;
+            let dst = vm_memory::GuestAddress(addr.0 + done as u64);
+            let src = if pos < NET_HDR_LEN {
+                &hdr[pos..NET_HDR_LEN.min(pos + k - done)]
+            } else {
+                let f = pos - NET_HDR_LEN;
+                frame
+                    .get(f..(f + k - done).min(frame.len()))
+                    .ok_or(vm_memory::GuestMemoryError::InvalidBackendAddress)?
+            };
+            if src.is_empty() {
+                return Err(vm_memory::GuestMemoryError::InvalidBackendAddress);
+            }
+            mem.write_slice(src, dst)?;
+            done += src.len();
+        }
+        at += k;
+        Ok(())
+    })
 }
 
 /// Writes a virtio-net header and `frame` into the receive chain `bufs`;
@@ -985,6 +1131,60 @@ mod tests {
             .read_slice(&mut got[4096..], GuestAddress(DATA + 0x2000))
             .unwrap();
         assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn mergeable_buffers_take_a_frame_across_several_chains() {
+        let (mut h, mut peer) = net();
+        h.dev
+            .lock()
+            .unwrap()
+            .ack_features(ALL | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        let frame: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = u32::try_from(frame.len()).unwrap().to_be_bytes().to_vec();
+        wire.extend_from_slice(&frame);
+        peer.write_all(&wire).unwrap();
+        // Two 1000-byte buffers are not enough: none is taken yet.
+        h.add_chain(RX, &[(DATA, 1000, W)]);
+        h.add_chain(RX, &[(DATA + 0x1000, 1000, W)]);
+        h.notify(RX);
+        assert!(h.used(RX).is_empty());
+        h.add_chain(RX, &[(DATA + 0x2000, 1000, W)]);
+        h.add_chain(RX, &[(DATA + 0x3000, 1000, W)]);
+        h.notify(RX);
+        assert_eq!(h.used(RX), vec![(0, 1000), (1, 1000), (2, 512)]);
+        let mut hdr = [0u8; 12];
+        h.mem.read_slice(&mut hdr, GuestAddress(DATA)).unwrap();
+        assert_eq!(hdr[0], 2, "DATA_VALID");
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 3, "num_buffers");
+        let mut got = vec![0u8; 2500];
+        h.mem
+            .read_slice(&mut got[..988], GuestAddress(DATA + 12))
+            .unwrap();
+        h.mem
+            .read_slice(&mut got[988..1988], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        h.mem
+            .read_slice(&mut got[1988..], GuestAddress(DATA + 0x2000))
+            .unwrap();
+        assert_eq!(got, frame);
+        // The next frame starts in the fourth buffer; an unusable one among
+        // a frame's buffers drops that frame (returned empty), not the device.
+        let small = eth(b"ack");
+        let mut wire = u32::try_from(small.len()).unwrap().to_be_bytes().to_vec();
+        wire.extend_from_slice(&small);
+        peer.write_all(&wire).unwrap();
+        peer.write_all(&wire).unwrap();
+        h.pump();
+        assert_eq!(h.used(RX).len(), 4);
+        assert_eq!(h.used(RX)[3], (3, 12 + small.len() as u32));
+        h.add_chain(RX, &[(1 << 40, 1000, W)]);
+        h.add_chain(RX, &[(DATA + 0x4000, 1000, W)]);
+        h.notify(RX);
+        let used = h.used(RX);
+        assert_eq!(used.len(), 5);
+        assert_eq!(used[4].1, 0);
+        assert!(!h.needs_reset());
     }
 
     #[test]
