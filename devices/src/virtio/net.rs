@@ -41,8 +41,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{for_each_piece, in_memory, total_len, Buf};
 use super::{
-    read_config_bytes, ActivateError, Active, DeviceError, DeviceQueue, Interrupt, QueueEvents,
-    VirtioDevice, FEATURE_VERSION_1,
+    read_config_bytes, watch_fd, ActivateError, Active, DeviceError, DeviceQueue, Interrupt,
+    QueueEvents, VirtioDevice, FEATURE_VERSION_1,
 };
 
 const NAME: &str = "net";
@@ -645,23 +645,7 @@ impl Net {
                 want |= EventSet::OUT;
             }
         }
-        if want == self.watching {
-            return;
-        }
-        let fd = self.backend.fd();
-        let result = if want.is_empty() {
-            ops.remove(Events::empty_raw(fd))
-        } else if self.watching.is_empty() {
-            ops.add(Events::new_raw(fd, want))
-        } else {
-            ops.modify(Events::new_raw(fd, want))
-        };
-        match result {
-            Ok(()) => self.watching = want,
-            Err(e) => {
-                crate::rate_limited!(warn, "virtio-net: cannot watch the backend: {e:?}");
-            }
-        }
+        watch_fd(ops, self.backend.fd(), &mut self.watching, want, NAME);
     }
 }
 
