@@ -784,39 +784,21 @@ pub(crate) mod tests {
         (b.into_inner().unwrap(), cd)
     }
 
-    /// An oci-archive with one gzip layer.
+    /// An oci-archive with one gzip layer (with `tamper_layer`, its blob has
+    /// one byte flipped: same size, other digest).
     fn oci_archive(tamper_layer: bool, ref_name: &str) -> (Vec<u8>, String) {
         let layer = gzip(&rootfs_tar("oci"));
-        let ld = sha256_digest(&layer);
         let config = config_for(&[sha256_digest(&rootfs_tar("oci"))]);
         let cd = sha256_digest(&config);
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "config": { "mediaType": media::OCI_CONFIG, "digest": cd, "size": config.len() },
-            "layers": [{ "mediaType": media::OCI_LAYER_GZIP, "digest": ld, "size": layer.len() }],
-        }))
-        .unwrap();
-        let md = sha256_digest(&manifest);
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": media::OCI_MANIFEST, "digest": md, "size": manifest.len(),
-                "annotations": { ANNOTATION_REF_NAME: ref_name },
-            }],
-        });
-        let mut b = tar::Builder::new(Vec::new());
-        add_file(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-        add_file(&mut b, "index.json", &serde_json::to_vec(&index).unwrap());
-        add_file(&mut b, &format!("blobs/sha256/{}", hex(&md)), &manifest);
-        add_file(&mut b, &format!("blobs/sha256/{}", hex(&cd)), &config);
-        let mut stored = layer.clone();
-        if tamper_layer {
-            let n = stored.len();
-            stored[n - 9] ^= 0xff; // one byte flipped: same size, other digest
-        }
-        add_file(&mut b, &format!("blobs/sha256/{}", hex(&ld)), &stored);
-        (b.into_inner().unwrap(), cd)
+        let stored = |l: &[u8]| {
+            let mut v = l.to_vec();
+            if tamper_layer {
+                let n = v.len();
+                v[n - 9] ^= 0xff;
+            }
+            v
+        };
+        (oci_archive_stored(&config, &[layer], ref_name, &stored), cd)
     }
 
     fn setup() -> (tempfile::TempDir, Store) {
@@ -909,6 +891,17 @@ pub(crate) mod tests {
 
     /// An oci-archive of `config` with these (stored, gzip) layers.
     fn oci_archive_of(config: &[u8], layers: &[Vec<u8>], ref_name: &str) -> Vec<u8> {
+        oci_archive_stored(config, layers, ref_name, &<[u8]>::to_vec)
+    }
+
+    /// An oci-archive of `config` naming these gzip layers, each blob stored
+    /// as `stored` makes it from the layer (under the layer's digest).
+    fn oci_archive_stored(
+        config: &[u8],
+        layers: &[Vec<u8>],
+        ref_name: &str,
+        stored: &dyn Fn(&[u8]) -> Vec<u8>,
+    ) -> Vec<u8> {
         let cd = sha256_digest(config);
         let descs: Vec<_> = layers
             .iter()
@@ -944,7 +937,7 @@ pub(crate) mod tests {
             add_file(
                 &mut b,
                 &format!("blobs/sha256/{}", hex(&sha256_digest(l))),
-                l,
+                &stored(l),
             );
         }
         b.into_inner().unwrap()
