@@ -5,8 +5,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use guest_init::protocol::Frame;
-use guest_init::spec::ExecSpec;
+use hull_protocol::frame::Frame;
+use hull_protocol::spec::ExecSpec;
 use images::Store;
 
 use crate::container::{Container, Status};

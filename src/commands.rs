@@ -240,7 +240,7 @@ fn for_each_container(
 fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
     let store = store()?;
     let container = Containers::new(store.root()).find(&args.container)?;
-    let spec = guest_init::spec::ExecSpec {
+    let spec = hull_protocol::spec::ExecSpec {
         args: args.command.clone(),
         env: args.env.clone(),
         cwd: args.workdir.clone(),

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use guest_init::spec::RunSpec;
+use hull_protocol::spec::RunSpec;
 use serde::{Deserialize, Serialize};
 
 /// Errors handling container records.
@@ -447,7 +447,7 @@ pub fn generated_name(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_init::spec::RootfsSpec;
+    use hull_protocol::spec::RootfsSpec;
 
     fn config(id: &str, name: &str) -> ContainerConfig {
         ContainerConfig {

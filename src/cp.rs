@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path, PathBuf};
 
-use guest_init::protocol::Frame;
+use hull_protocol::frame::Frame;
 use tar::EntryType;
 
 use crate::container::Containers;
@@ -225,7 +225,7 @@ impl Session {
             }
             let frame = match Frame::read_from(&mut self.stream) {
                 Ok(f) => f,
-                Err(guest_init::protocol::ProtocolError::Closed) => {
+                Err(hull_protocol::frame::ProtocolError::Closed) => {
                     self.end = Some(Err("the container's monitor went away".into()));
                     return Ok(false);
                 }

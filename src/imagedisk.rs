@@ -22,8 +22,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_init::protocol::{Frame, FrameDecoder};
-use guest_init::spec::{
+use hull_protocol::frame::{Frame, FrameDecoder};
+use hull_protocol::spec::{
     image_marker, Compression as GuestCompression, LayerSpec, RootfsSpec, RunSpec,
     IMAGE_DISK_SERIAL, LAYERS_DISK_SERIAL, SCRATCH_DISK_SERIAL,
 };

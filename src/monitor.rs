@@ -19,8 +19,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use guest_init::protocol::{Frame, FrameDecoder};
-use guest_init::spec::ExecSpec;
+use hull_protocol::frame::{Frame, FrameDecoder};
+use hull_protocol::spec::ExecSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{files, now, Container, Containers, Lock, Status};

@@ -32,7 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_init::spec::{HostEntry, InterfaceSpec, NetworkSpec};
+use hull_protocol::spec::{HostEntry, InterfaceSpec, NetworkSpec};
 use serde::{Deserialize, Serialize};
 
 /// The container's address on its network.

@@ -11,7 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
 
-use guest_init::spec::{RootfsSpec, RunSpec, SecuritySpec, IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL};
+use hull_protocol::spec::{
+    RootfsSpec, RunSpec, SecuritySpec, IMAGE_DISK_SERIAL, SCRATCH_DISK_SERIAL,
+};
 use images::{Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
@@ -114,7 +116,7 @@ pub fn parse_cpus(text: &str) -> Result<u8> {
 /// # Errors
 /// A bad capability, limit, parameter, size or signal (one line each).
 fn security_spec(args: &RunArgs) -> Result<SecuritySpec> {
-    use guest_init::security as sec;
+    use hull_protocol::security as sec;
     let mut spec = SecuritySpec {
         capabilities: sec::capabilities(&args.cap_add, &args.cap_drop, args.privileged)
             .map_err(usage)?,
@@ -303,7 +305,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     crate::volume::sort_for_mounting(&mut mounts);
     if args.stop_signal.is_none() {
         if let Some(sig) = config.stop_signal().as_deref().filter(|s| !s.is_empty()) {
-            security.stop_signal = guest_init::security::parse_signal(sig)
+            security.stop_signal = hull_protocol::security::parse_signal(sig)
                 .map_err(|e| usage(format!("the image's StopSignal: {e}")))?;
         }
     }
@@ -634,7 +636,10 @@ mod tests {
     #[test]
     fn security_flags_follow_docker() {
         let d = security_spec(&run_args(&[])).unwrap();
-        assert_eq!(guest_init::security::cap_mask(&d.capabilities), 0xa804_25fb);
+        assert_eq!(
+            hull_protocol::security::cap_mask(&d.capabilities),
+            0xa804_25fb
+        );
         assert_eq!(d.shm_size, 64 << 20);
         assert_eq!(d.stop_signal, 15);
         assert_eq!((d.memory_bytes, d.cpu_millis), (512 << 20, 1000));
@@ -660,7 +665,10 @@ mod tests {
             "--init",
         ]))
         .unwrap();
-        assert_eq!(guest_init::security::cap_mask(&s.capabilities), 0xa004_35fb);
+        assert_eq!(
+            hull_protocol::security::cap_mask(&s.capabilities),
+            0xa004_35fb
+        );
         let nofile = s.ulimits.iter().find(|u| u.name == "nofile").unwrap();
         assert_eq!((nofile.soft, nofile.hard), (10, 20));
         // --sysctl replaces docker's default of the same key.

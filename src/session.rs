@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use guest_init::protocol::{Frame, FrameDecoder, ProtocolError};
+use hull_protocol::frame::{Frame, FrameDecoder, ProtocolError};
 
 /// Stop reading stdin while this much is queued for the guest.
 const MAX_QUEUED: usize = 256 * 1024;

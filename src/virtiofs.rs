@@ -504,7 +504,7 @@ pub fn start_all(
         servers.push(start(share, &root, &socket, &log)?);
         config.push(vmm::FsShare {
             socket,
-            tag: guest_init::spec::share_tag(i),
+            tag: hull_protocol::spec::share_tag(i),
         });
     }
     Ok((servers, config))

@@ -15,7 +15,7 @@
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-use guest_init::spec::{share_tag, volume_disk_serial, MountSource, MountSpec};
+use hull_protocol::spec::{share_tag, volume_disk_serial, MountSource, MountSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::container::{Containers, Lock};

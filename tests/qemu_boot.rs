@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_init::protocol::Frame;
-use guest_init::spec::{
+use hull_protocol::frame::Frame;
+use hull_protocol::spec::{
     layer_disk_serial, Compression, LayerSpec, RootfsSpec, RunSpec, IMAGE_DISK_SERIAL,
     SCRATCH_DISK_SERIAL,
 };

@@ -1,18 +1,18 @@
-//! The contract between hull on the host and its init inside the guest, and
-//! the init itself.
+//! hull's init inside the guest. The protocol it speaks with the host is the
+//! `hull-protocol` crate (re-exported here as [`protocol`], [`spec`] and
+//! [`security`]).
 //!
-//! The host and the guest talk over one byte stream (a virtio-console port,
-//! `hull.control`: `/dev/vportNp0` in the guest) in length-prefixed frames;
-//! see [`protocol`].
 //! The init (the `hull-init` binary, PID 1 of every guest) is [`init`]; the
 //! parts of it that can run anywhere are tested on the host: [`unpack`]
 //! (layers), [`user`] (`--user`), [`command`] (environment and `PATH`).
 
+// The protocol lives in its own crate (shared with the host); the old paths
+// stay for the init's own code.
+pub use hull_protocol::frame as protocol;
+pub use hull_protocol::{security, spec, PROTOCOL_VERSION};
+
 pub mod command;
 pub mod init;
-pub mod protocol;
-pub mod security;
-pub mod spec;
 pub mod sys;
 pub mod unpack;
 pub mod user;

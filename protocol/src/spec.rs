@@ -1,5 +1,5 @@
 //! What the host asks the init to run: sent once, as JSON, in the first
-//! [`Frame::Spec`](crate::protocol::Frame::Spec).
+//! [`Frame::Spec`](crate::frame::Frame::Spec).
 
 use serde::{Deserialize, Serialize};
 

@@ -1,11 +1,16 @@
 //! Framing of the host<->guest control stream.
 //!
 //! A frame is a kind byte, a little-endian `u32` payload length, then the
-//! payload. Both sides treat the other as hostile: a frame longer than
+//! payload. The first frame of each side carries [`PROTOCOL_VERSION`] (a
+//! little-endian `u32` at the start of its payload): [`Frame::Ready`] from the
+//! guest, [`Frame::Spec`] from the host; the decoder refuses any other version
+//! with [`ProtocolError::Version`]. Both sides treat the other as hostile: a frame longer than
 //! [`MAX_PAYLOAD`] or of an unknown kind is a protocol error, never an
 //! allocation.
 
 use std::io::{self, Read, Write};
+
+use crate::PROTOCOL_VERSION;
 
 /// The largest payload either side accepts (and sends: data is chunked).
 pub const MAX_PAYLOAD: usize = 1 << 20;
@@ -16,7 +21,8 @@ pub const HEADER_LEN: usize = 5;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     // Host -> guest.
-    /// The run spec, JSON ([`crate::spec::RunSpec`]); the first frame the host sends.
+    /// The run spec, JSON ([`crate::spec::RunSpec`]); the first frame the host
+    /// sends. On the wire, [`PROTOCOL_VERSION`] comes before the JSON.
     Spec(Vec<u8>),
     /// Bytes for the container's stdin.
     Stdin(Vec<u8>),
@@ -28,7 +34,8 @@ pub enum Frame {
     Resize(u16, u16),
 
     // Guest -> host.
-    /// The init is up and waiting for the spec.
+    /// The init is up and waiting for the spec; the first frame the guest
+    /// sends. Its payload on the wire is [`PROTOCOL_VERSION`].
     Ready,
     /// Bytes the container wrote to stdout.
     Stdout(Vec<u8>),
@@ -79,6 +86,16 @@ pub enum ProtocolError {
     /// The peer sent something that is not a valid frame.
     #[error("control stream: invalid frame: {0}")]
     Invalid(String),
+    /// The peer speaks another version of the protocol (1: from before
+    /// versions were sent).
+    #[error(
+        "the peer speaks control protocol version {peer}, this side {}: hull and its guest init must come from the same build",
+        PROTOCOL_VERSION
+    )]
+    Version {
+        /// The peer's version.
+        peer: u32,
+    },
 }
 
 mod kind {
@@ -106,12 +123,15 @@ impl Frame {
     /// The payload exceeds [`MAX_PAYLOAD`] (callers chunk data first).
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
         let (k, payload): (u8, Vec<u8>) = match self {
-            Self::Spec(b) => (kind::SPEC, b.clone()),
+            Self::Spec(b) => (
+                kind::SPEC,
+                [&PROTOCOL_VERSION.to_le_bytes()[..], b].concat(),
+            ),
             Self::Stdin(b) => (kind::STDIN, b.clone()),
             Self::StdinEof => (kind::STDIN_EOF, Vec::new()),
             Self::Signal(s) => (kind::SIGNAL, s.to_le_bytes().to_vec()),
             Self::Resize(r, c) => (kind::RESIZE, [r.to_le_bytes(), c.to_le_bytes()].concat()),
-            Self::Ready => (kind::READY, Vec::new()),
+            Self::Ready => (kind::READY, PROTOCOL_VERSION.to_le_bytes().to_vec()),
             Self::Stdout(b) => (kind::STDOUT, b.clone()),
             Self::Stderr(b) => (kind::STDERR, b.clone()),
             Self::Exited(c) => (kind::EXITED, c.to_le_bytes().to_vec()),
@@ -191,7 +211,15 @@ impl Frame {
         };
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         Ok(match k {
-            kind::SPEC => Self::Spec(payload),
+            kind::SPEC => {
+                // A host from before versions sent its JSON right away.
+                if payload.first() == Some(&b'{') {
+                    return Err(ProtocolError::Version { peer: 1 });
+                }
+                at_least(4)?;
+                check_version(&payload[..4])?;
+                Self::Spec(payload[4..].to_vec())
+            }
             kind::STDIN => Self::Stdin(payload),
             kind::STDIN_EOF => {
                 fixed(0)?;
@@ -206,7 +234,11 @@ impl Frame {
                 )
             }
             kind::READY => {
-                fixed(0)?;
+                // A guest from before versions sent an empty Ready.
+                if payload.is_empty() {
+                    return Err(ProtocolError::Version { peer: 1 });
+                }
+                check_version(fixed(4)?)?;
                 Self::Ready
             }
             kind::STDOUT => Self::Stdout(payload),
@@ -295,6 +327,13 @@ impl Frame {
             _ => ProtocolError::Io(e),
         })?;
         Self::decode(header[0], payload)
+    }
+}
+
+fn check_version(b: &[u8]) -> Result<(), ProtocolError> {
+    match u32::from_le_bytes(le4(b)) {
+        PROTOCOL_VERSION => Ok(()),
+        peer => Err(ProtocolError::Version { peer }),
     }
 }
 
@@ -406,6 +445,40 @@ mod tests {
             }
         }
         assert_eq!(out, all_frames());
+    }
+
+    #[test]
+    fn a_peer_of_another_version_is_named_not_misparsed() {
+        let ready = Frame::Ready.encode().unwrap();
+        assert_eq!(&ready[HEADER_LEN..], &PROTOCOL_VERSION.to_le_bytes());
+        let spec = Frame::Spec(b"{}".to_vec()).encode().unwrap();
+        assert_eq!(
+            &spec[HEADER_LEN..HEADER_LEN + 4],
+            &PROTOCOL_VERSION.to_le_bytes()
+        );
+
+        // Version 1 (before versions): an empty Ready, a bare JSON spec.
+        let old_ready = [kind::READY, 0, 0, 0, 0];
+        let old_spec = [kind::SPEC, 2, 0, 0, 0, b'{', b'}'];
+        for old in [&old_ready[..], &old_spec[..]] {
+            let mut d = FrameDecoder::new();
+            d.feed(old);
+            assert!(matches!(
+                d.next_frame(),
+                Err(ProtocolError::Version { peer: 1 })
+            ));
+        }
+        let next = PROTOCOL_VERSION + 1;
+        let newer = Frame::decode(kind::READY, next.to_le_bytes().to_vec()).unwrap_err();
+        assert!(matches!(newer, ProtocolError::Version { peer } if peer == next));
+        assert!(newer.to_string().contains("same build"), "{newer}");
+        let mut newer_spec = next.to_le_bytes().to_vec();
+        newer_spec.extend_from_slice(b"{}");
+        assert!(matches!(
+            Frame::decode(kind::SPEC, newer_spec),
+            Err(ProtocolError::Version { .. })
+        ));
+        assert!(Frame::decode(kind::SPEC, vec![2, 0]).is_err());
     }
 
     #[test]
