@@ -20,4 +20,4 @@ pub use device_manager::{DiskConfig, FsShare};
 pub use device_manager::{NetBackendConfig, NetConfig};
 pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;
-pub use vm::{run, VmConfig, VmmError};
+pub use vm::{run, VmConfig, Vmm, VmmError};

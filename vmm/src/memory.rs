@@ -117,9 +117,12 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region is mapped for as long as `mem` lives, and the VM
-        // (and its vCPUs) never outlive the `GuestMemoryMmap` they were given:
-        // the VMM keeps both in the same `Vm` and drops the VM first.
+        // SAFETY: the region stays mapped while any clone of `mem` lives (the
+        // regions are reference-counted), and no KVM descriptor outlives it:
+        // `vmm::Vmm` declares its vCPU and VM descriptors before its memory,
+        // so they close first, and `Vmm::run` joins every vCPU thread before
+        // the memory is dropped (or, if one will not stop, keeps it mapped
+        // for the life of the process).
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(|source| MemoryError::Register { slot, source })?;
     }

@@ -15,7 +15,10 @@ use devices::legacy::{
 };
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use devices::virtio::MmioTransport;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -153,143 +156,265 @@ impl MutEventSubscriber for Lifecycle {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Boots the VM `config` describes and runs it to its end.
+/// Boots the VM `config` describes and runs it to its end: [`Vmm::build`]
+/// then [`Vmm::run`].
 ///
 /// # Errors
 /// The VM could not be set up. Once the guest runs, every ending (clean or
 /// not) is an `Ok(VmExit)`.
 pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
-    let started = Instant::now();
-    if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
-        return Err(mptable::MpTableError::CpuCount(config.cpus).into());
+    Vmm::build(config)?.run()
+}
+
+/// A VM that is fully set up but not yet running: guest memory holds the
+/// kernel, every host file is open, every vhost-user backend connected, and
+/// the KVM VM and its vCPUs exist and are configured. [`Vmm::run`] then only
+/// starts threads and runs the guest: it opens no path and connects no
+/// socket, so a caller may confine itself (namespaces, `pivot_root`, dropped
+/// capabilities) between the two.
+///
+/// Fields drop in declaration order, and that order is the memory-safety
+/// argument: every KVM file descriptor (vCPUs, then the VM) closes before
+/// `mem`, the mapping KVM was told the guest's RAM lives in, is unmapped.
+pub struct Vmm {
+    /// Created and configured, not yet running.
+    vcpus: Vec<(u8, VcpuFd)>,
+    events: EventManager<Box<dyn MutEventSubscriber + Send>>,
+    /// The virtio-mmio transports (also reachable through `mmio`).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pio: Bus,
+    mmio: Bus,
+    exit: ExitSignal,
+    watch: ConsoleWatch,
+    vm: VmFd,
+    kvm: Kvm,
+    /// Last: outlives every KVM descriptor above.
+    mem: GuestMemoryMmap,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .field("devices", &self.transports.len())
+            .finish_non_exhaustive()
     }
-    // Everything the user gave is checked (and loaded) before KVM is touched,
-    // so bad input gets its own error on any host.
-    let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?
-        .with_shares(&config.shares)?;
-    let pending = pending.with_net(config.net)?;
-    let mut boot_source = config.boot.clone();
-    let devices_cmdline = pending.cmdline();
-    if !devices_cmdline.is_empty() {
-        boot_source.cmdline = format!("{} {devices_cmdline}", boot_source.cmdline);
-    }
-    let mem = if config.shares.is_empty() {
-        memory::create(config.memory_mib)?
-    } else {
-        memory::create_shared(config.memory_mib)?
-    };
-    let entry = boot::load(&mem, &boot_source)?;
-    mptable::write(&mem, config.cpus)?;
-    let cr3 = vcpu::write_boot_tables(&mem)?;
+}
 
-    let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
-    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS)
-        .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
-    // The PIT's speaker port is a dummy: nothing to emulate for a microVM.
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(vm_err("KVM_CREATE_PIT2"))?;
-    memory::register(&vm, &mem)?;
-    tracing::debug!(
-        "vm: kernel {:?} loaded ({:?} entry at {:#x}) in {:?}",
-        config.boot.kernel,
-        entry.format,
-        entry.entry.0,
-        started.elapsed()
-    );
+impl Vmm {
+    /// Sets up the VM `config` describes without running it.
+    ///
+    /// # Errors
+    /// Bad input (CPU count, kernel, disks, shares, network backend), or KVM
+    /// or the host refused a step.
+    pub fn build(config: VmConfig) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
+            return Err(mptable::MpTableError::CpuCount(config.cpus).into());
+        }
+        // Everything the user gave is checked (and loaded) before KVM is
+        // touched, so bad input gets its own error on any host.
+        let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?
+            .with_shares(&config.shares)?;
+        let pending = pending.with_net(config.net)?;
+        let mut boot_source = config.boot.clone();
+        let devices_cmdline = pending.cmdline();
+        if !devices_cmdline.is_empty() {
+            boot_source.cmdline = format!("{} {devices_cmdline}", boot_source.cmdline);
+        }
+        let mem = if config.shares.is_empty() {
+            memory::create(config.memory_mib)?
+        } else {
+            memory::create_shared(config.memory_mib)?
+        };
+        let entry = boot::load(&mem, &boot_source)?;
+        mptable::write(&mem, config.cpus)?;
+        let cr3 = vcpu::write_boot_tables(&mem)?;
 
-    let exit = match config.exit_signal {
-        Some(signal) => signal,
-        None => ExitSignal::new().map_err(host_err("the exit event"))?,
-    };
-    let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(vm_err("KVM_IRQFD (serial)"))?;
-    let (serial, input_drained) = SerialConsole::new(
-        EventFdTrigger::new(serial_irq),
-        ConsoleOutput::new(config.console_out, watch.clone()),
-    )
-    .map_err(host_err("the serial console"))?;
-    let serial = Arc::new(Mutex::new(serial));
+        let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
+        let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+        // The PIT's speaker port is a dummy: nothing to emulate for a microVM.
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(vm_err("KVM_CREATE_PIT2"))?;
+        memory::register(&vm, &mem)?;
+        tracing::debug!(
+            "vm: kernel {:?} loaded ({:?} entry at {:#x}) in {:?}",
+            config.boot.kernel,
+            entry.format,
+            entry.entry.0,
+            started.elapsed()
+        );
 
-    let mut pio = Bus::new();
-    let bus_err = |e: devices::BusError| VmmError::Host {
-        what: "the port I/O bus",
-        source: std::io::Error::other(e.to_string()),
-    };
-    pio.insert(serial.clone(), COM1_PORT, COM1_LEN)
-        .map_err(bus_err)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_PORT,
-        I8042_LEN,
-    )
-    .map_err(bus_err)?;
-    let mut mmio = Bus::new();
+        let exit = match config.exit_signal {
+            Some(signal) => signal,
+            None => ExitSignal::new().map_err(host_err("the exit event"))?,
+        };
+        let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(vm_err("KVM_IRQFD (serial)"))?;
+        let (serial, input_drained) = SerialConsole::new(
+            EventFdTrigger::new(serial_irq),
+            ConsoleOutput::new(config.console_out, watch.clone()),
+        )
+        .map_err(host_err("the serial console"))?;
+        let serial = Arc::new(Mutex::new(serial));
 
-    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
-        .map_err(|e| VmmError::Host {
-            what: "the event loop",
+        let mut pio = Bus::new();
+        let bus_err = |e: devices::BusError| VmmError::Host {
+            what: "the port I/O bus",
             source: std::io::Error::other(e.to_string()),
-        })?;
-    events.add_subscriber(Box::new(Lifecycle {
-        fds: vec![
-            std::os::fd::AsRawFd::as_raw_fd(exit.wake()),
-            std::os::fd::AsRawFd::as_raw_fd(watch.wake()),
-        ],
-        drain: vec![exit_wake(&exit), watch_wake(&watch)],
-    }));
-    if let Some(fd) = config.console_in {
-        events.add_subscriber(Box::new(SerialInput::new(serial, fd, input_drained)));
-    }
-    let transports = pending.attach(&vm, &mem, &mut mmio, &mut events)?;
+        };
+        pio.insert(serial.clone(), COM1_PORT, COM1_LEN)
+            .map_err(bus_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT,
+            I8042_LEN,
+        )
+        .map_err(bus_err)?;
+        let mut mmio = Bus::new();
 
-    // vCPU threads are kicked out of KVM_RUN with a signal whose handler does
-    // nothing: the interrupted ioctl returns EINTR and the loop sees `stopping`.
-    register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Host {
-        what: "the vCPU kick signal",
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
-    let cpus = config.cpus;
-    let start_vcpu = |index: u8| -> Result<JoinHandle<()>, VmmError> {
-        let vcpu = vm
-            .create_vcpu(u64::from(index))
-            .map_err(vm_err("KVM_CREATE_VCPU"))?;
-        vcpu::configure(&kvm, &vcpu, index, cpus, entry.entry, cr3)?;
-        let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run_loop(index, vcpu, &pio, &mmio, &exit))
-            .map_err(host_err("a vCPU thread"))
-    };
-    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(usize::from(cpus));
-    for index in 0..cpus {
-        match start_vcpu(index) {
-            Ok(thread) => threads.push(thread),
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+            .map_err(|e| VmmError::Host {
+                what: "the event loop",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        events.add_subscriber(Box::new(Lifecycle {
+            fds: vec![
+                std::os::fd::AsRawFd::as_raw_fd(exit.wake()),
+                std::os::fd::AsRawFd::as_raw_fd(watch.wake()),
+            ],
+            drain: vec![exit_wake(&exit), watch_wake(&watch)],
+        }));
+        if let Some(fd) = config.console_in {
+            events.add_subscriber(Box::new(SerialInput::new(serial, fd, input_drained)));
+        }
+        let transports = pending.attach(&vm, &mem, &mut mmio, &mut events)?;
+
+        // vCPU threads are kicked out of KVM_RUN with a signal whose handler
+        // does nothing: the interrupted ioctl returns EINTR and the loop sees
+        // `stopping`.
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Host {
+            what: "the vCPU kick signal",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(vm_err("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&kvm, &fd, index, config.cpus, entry.entry, cr3)?;
+            vcpus.push((index, fd));
+        }
+        tracing::debug!(
+            "vm: {} vCPUs configured after {:?}",
+            vcpus.len(),
+            started.elapsed()
+        );
+        Ok(Self {
+            vcpus,
+            events,
+            transports,
+            pio,
+            mmio,
+            exit,
+            watch,
+            vm,
+            kvm,
+            mem,
+            started,
+        })
+    }
+
+    /// Starts the vCPU threads and runs the device event loop on the calling
+    /// thread until the VM stops; returns how it ended. Opens no host path.
+    ///
+    /// # Errors
+    /// A vCPU thread could not be started. Once the guest runs, every ending
+    /// (clean or not) is an `Ok(VmExit)`.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        let Self {
+            vcpus,
+            mut events,
+            transports,
+            pio,
+            mmio,
+            exit,
+            watch,
+            vm,
+            kvm,
+            mem,
+            started,
+        } = self;
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
+        let mut outcome = Ok(());
+        for (index, fd) in vcpus {
+            let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_loop(index, fd, &pio, &mmio, &exit));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    outcome = Err(VmmError::Host {
+                        what: "a vCPU thread",
+                        source: e,
+                    });
+                    break;
+                }
+            }
+        }
+        let result = match outcome {
+            Ok(()) => {
+                tracing::debug!(
+                    "vm: {} vCPUs running after {:?}",
+                    threads.len(),
+                    started.elapsed()
+                );
+                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &watch, threads);
+                tracing::debug!("vm: stopped after {:?}: {ended:?}", started.elapsed());
+                if !all_stopped {
+                    leak_guest_memory(&mem);
+                }
+                Ok(ended)
+            }
             Err(e) => {
                 // The vCPUs already running must stop before the VM goes.
                 exit.exit(VmExit::Error(e.to_string()));
-                stop_vcpus(threads);
-                return Err(e);
+                if !stop_vcpus(threads) {
+                    leak_guest_memory(&mem);
+                }
+                Err(e)
             }
-        }
+        };
+        // Every vCPU thread is joined (or its memory leaked above); the
+        // devices go, then the KVM VM, and only then the guest's RAM.
+        drop(transports);
+        drop(events);
+        drop((pio, mmio));
+        drop(vm);
+        drop(kvm);
+        drop(mem);
+        result
     }
-    tracing::debug!("vm: {cpus} vCPUs running after {:?}", started.elapsed());
+}
 
-    let outcome = run_until_exit(&mut events, &exit, &watch, threads);
-    tracing::debug!("vm: stopped after {:?}: {outcome:?}", started.elapsed());
-    // The memory mapping must outlive every vCPU: the threads are joined (or
-    // abandoned in a stopped state) above, and `vm` drops before `mem`.
-    drop(transports);
-    drop(events);
-    drop(vm);
-    drop(mem);
-    Ok(outcome)
+/// A vCPU thread that did not stop may still be in KVM_RUN: the guest's RAM
+/// must then stay mapped for as long as the process lives, or KVM would
+/// write guest data into whatever the host maps there next.
+fn leak_guest_memory(mem: &GuestMemoryMmap) {
+    tracing::error!("vm: a vCPU thread did not stop; its guest memory stays mapped");
+    // The regions are reference-counted: a clone that is never dropped keeps
+    // them mapped.
+    std::mem::forget(mem.clone());
 }
 
 fn exit_wake(exit: &ExitSignal) -> Arc<EventFd> {
@@ -309,23 +434,25 @@ fn dummy_event() -> EventFd {
 /// Runs the event loop until the VM stops, while another thread stops the
 /// vCPUs as soon as an exit is recorded: stopping them never waits for a
 /// device handler to finish (the event loop notices the exit between two
-/// bounded batches of device work). Returns once both are done.
+/// bounded batches of device work). Returns once both are done, with
+/// whether every vCPU thread was joined.
 fn run_until_exit(
     events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
     exit: &ExitSignal,
     watch: &ConsoleWatch,
     threads: Vec<JoinHandle<()>>,
-) -> VmExit {
+) -> (VmExit, bool) {
     let stopper = VcpuStopper::start(threads, exit);
     let outcome = event_loop(events, exit, watch);
-    stopper.finish();
-    outcome
+    let all_stopped = stopper.finish();
+    (outcome, all_stopped)
 }
 
 /// Stops the vCPU threads once the VM's exit is recorded.
 enum VcpuStopper {
-    /// A thread waits for the exit, then kicks the vCPUs.
-    Thread(JoinHandle<()>),
+    /// A thread waits for the exit, then kicks the vCPUs; it returns whether
+    /// every vCPU thread was joined.
+    Thread(JoinHandle<bool>),
     /// No thread could be started: the vCPUs are stopped after the event loop.
     Inline(Vec<JoinHandle<()>>),
 }
@@ -339,7 +466,7 @@ impl VcpuStopper {
             .spawn(move || {
                 exit.wait();
                 let threads = std::mem::take(&mut *lock(&handles));
-                stop_vcpus(threads);
+                stop_vcpus(threads)
             });
         match spawned {
             Ok(thread) => Self::Thread(thread),
@@ -352,14 +479,14 @@ impl VcpuStopper {
         }
     }
 
-    /// Waits until the vCPUs are stopped (the exit must be recorded).
-    fn finish(self) {
+    /// Waits until the vCPUs are stopped (the exit must be recorded);
+    /// returns whether every vCPU thread was joined.
+    fn finish(self) -> bool {
         match self {
-            Self::Thread(thread) => {
-                if thread.join().is_err() {
-                    tracing::warn!("vm: the vCPU stopper panicked");
-                }
-            }
+            Self::Thread(thread) => thread.join().unwrap_or_else(|_| {
+                tracing::warn!("vm: the vCPU stopper panicked");
+                false
+            }),
             Self::Inline(threads) => stop_vcpus(threads),
         }
     }
@@ -408,7 +535,8 @@ fn event_loop(
 
 /// Kicks every vCPU thread out of KVM_RUN until it returns. A kick that lands
 /// just before a thread re-enters KVM_RUN is lost, hence the repeats.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+/// Returns whether every thread was joined.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> bool {
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     let mut pending = threads;
     while !pending.is_empty() && Instant::now() < deadline {
@@ -428,12 +556,21 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     if !pending.is_empty() {
         tracing::warn!("{} vCPU thread(s) did not stop in time", pending.len());
     }
+    pending.is_empty()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    /// A VM can be built on one thread and run on another (the monitor's
+    /// VMM thread, or a process that confines itself in between).
+    #[test]
+    fn a_built_vmm_can_move_to_another_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Vmm>();
+    }
 
     /// A device handler that never runs out of work (its event stays
     /// readable) and holds the event loop for `batch` each time.
@@ -493,7 +630,8 @@ mod tests {
                 at
             })
         };
-        let outcome = run_until_exit(&mut events, &exit, &watch, threads);
+        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &watch, threads);
+        assert!(all_stopped);
         let returned = Instant::now();
         let asked = asker.join().unwrap();
 
