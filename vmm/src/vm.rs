@@ -13,9 +13,9 @@ use devices::legacy::{
     ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN,
     COM1_PORT, I8042, I8042_LEN, I8042_PORT,
 };
+use devices::virtio::MmioTransport;
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use devices::virtio::MmioTransport;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;

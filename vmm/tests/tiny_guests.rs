@@ -75,9 +75,8 @@ fn kernel_file(name: &str, code: &[u8]) -> PathBuf {
     path
 }
 
-fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
-    let out = Capture::default();
-    let config = VmConfig {
+fn config(kernel: &Path, cpus: u8, out: &Capture) -> VmConfig {
+    VmConfig {
         boot: BootSource {
             kernel: kernel.to_path_buf(),
             initrd: None,
@@ -95,8 +94,12 @@ fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
         entropy: false,
         net: None,
         exit_signal: None,
-    };
-    let exit = vmm::run(config).expect("the VM should start");
+    }
+}
+
+fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
+    let out = Capture::default();
+    let exit = vmm::run(config(kernel, cpus, &out)).expect("the VM should start");
     let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
     (exit, text)
 }
@@ -238,5 +241,51 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
     assert!(
         took < Duration::from_secs(3),
         "the VM took {took:?} to stop"
+    );
+}
+
+/// What a jailed VMM process does: build while host paths are visible, then
+/// lose sight of every one (here a thread with its own root, an empty
+/// directory) and run. The guest must boot all the same, on every vCPU.
+#[test]
+fn a_built_vm_runs_where_no_host_path_can_be_seen() {
+    let kernel = kernel_file(
+        "jailed",
+        &[print(b"jailed\n"), RESET.to_vec(), SPIN.to_vec()].concat(),
+    );
+    let out = Capture::default();
+    let mut cfg = config(&kernel, 2, &out);
+    cfg.entropy = true;
+    let vmm = vmm::Vmm::build(cfg).expect("the VM should build");
+    std::fs::remove_file(&kernel).unwrap();
+    let empty = std::env::temp_dir().join(format!("hull-tiny-{}-empty", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let root = std::ffi::CString::new(empty.as_os_str().as_encoded_bytes()).unwrap();
+    let exit = std::thread::spawn(move || {
+        // SAFETY: unshare(CLONE_FS) gives this thread its own root and cwd;
+        // the threads it starts share them. Plain syscalls, results checked.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_FS), 0, "unshare(CLONE_FS)");
+            assert_eq!(
+                libc::chroot(root.as_ptr()),
+                0,
+                "chroot: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(libc::chdir(c"/".as_ptr()), 0);
+        }
+        assert!(!Path::new("/dev/kvm").exists());
+        vmm.run()
+    })
+    .join()
+    .unwrap()
+    .expect("the VM should run");
+    std::fs::remove_dir(&empty).unwrap();
+    assert_eq!(
+        (
+            exit,
+            String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned()
+        ),
+        (VmExit::Reset, "jailed\n".to_string())
     );
 }
