@@ -6,6 +6,7 @@
 //! and returns a [`VmExit`].
 
 pub mod boot;
+pub mod control;
 pub mod cpuid;
 pub mod device_manager;
 pub mod exit;
@@ -16,6 +17,7 @@ pub mod vcpu;
 mod vm;
 
 pub use boot::BootSource;
+pub use control::{ControlError, VcpuCommand, VmmHandle};
 pub use device_manager::{DiskConfig, FsShare};
 pub use device_manager::{NetBackendConfig, NetConfig};
 pub use exit::{ExitSignal, VmExit};

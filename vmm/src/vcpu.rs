@@ -7,6 +7,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{gdt, paging};
+use crate::control::{RunArea, VcpuAnswer, VcpuChannel, VcpuCommand};
 use crate::cpuid;
 use crate::exit::{ExitSignal, VmExit};
 use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, ZERO_PAGE_START};
@@ -192,10 +193,53 @@ pub fn configure(
     set_lapic_lvt(vcpu, index)
 }
 
+/// Reads this vCPU's pending commands (waiting for one while paused);
+/// returns false once the thread must end.
+fn obey(index: u8, channel: &VcpuChannel, paused: &mut bool) -> bool {
+    loop {
+        let command = if *paused {
+            channel.commands.recv().unwrap_or(VcpuCommand::Stop)
+        } else {
+            match channel.commands.try_recv() {
+                Ok(command) => command,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => VcpuCommand::Stop,
+            }
+        };
+        // The VMM may be gone (it then stops this thread): answers may be lost.
+        match command {
+            VcpuCommand::Pause => {
+                *paused = true;
+                let _ = channel.answers.send(VcpuAnswer::Paused(index));
+            }
+            VcpuCommand::Resume => {
+                *paused = false;
+                let _ = channel.answers.send(VcpuAnswer::Resumed(index));
+            }
+            VcpuCommand::Stop => return false,
+        }
+    }
+}
+
 /// Runs `vcpu` until the VM stops, forwarding port I/O to `pio` and MMIO to
-/// `mmio`. Every way the guest can end is reported to `exit`.
-pub fn run_loop(index: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &ExitSignal) {
-    while !exit.stopping() {
+/// `mmio`, and obeying the commands on `channel` (read each time `KVM_RUN`
+/// returns: the VMM kicks the thread after sending one). Every way the guest
+/// can end is reported to `exit`.
+pub(crate) fn run_loop(
+    index: u8,
+    mut vcpu: VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    exit: &ExitSignal,
+    channel: &VcpuChannel,
+) {
+    let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
+    // SAFETY: `run` is this vCPU's kvm_run mapping, which lives as long as
+    // `vcpu`; `_area` is declared after `vcpu` (a parameter), so it is
+    // dropped, and the kick handler forgets the pointer, first.
+    let _area = unsafe { RunArea::enter(run) };
+    let mut paused = false;
+    while obey(index, channel, &mut paused) && !exit.stopping() {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 // Nothing decodes an unclaimed port on a PC bus: it reads as all ones.
@@ -239,7 +283,8 @@ pub fn run_loop(index: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, exit: &ExitS
                 exit.exit(VmExit::Error(format!("vCPU {index}: unexpected KVM exit {other:?}")));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked by the VMM (or a stray signal): recheck `stopping`.
+                // Kicked by the VMM (or a stray signal): the loop reads the
+                // commands and `stopping` again.
                 vcpu.set_kvm_immediate_exit(0);
             }
             Err(e) => exit.exit(VmExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, mptable, BootError, BootSource};
+use crate::control::{self, VcpuChannel, VmmHandle};
 use crate::device_manager::NetConfig;
 use crate::device_manager::{DeviceError, DiskConfig, FsShare, PendingDevices};
 use crate::exit::{ExitSignal, VmExit};
@@ -154,8 +155,6 @@ impl MutEventSubscriber for Lifecycle {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 /// Boots the VM `config` describes and runs it to its end: [`Vmm::build`]
 /// then [`Vmm::run`].
 ///
@@ -177,8 +176,10 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
 /// argument: every KVM file descriptor (vCPUs, then the VM) closes before
 /// `mem`, the mapping KVM was told the guest's RAM lives in, is unmapped.
 pub struct Vmm {
-    /// Created and configured, not yet running.
-    vcpus: Vec<(u8, VcpuFd)>,
+    /// Created and configured, not yet running; each with its command channel.
+    vcpus: Vec<(u8, VcpuFd, VcpuChannel)>,
+    /// Pauses, resumes and stops the vCPUs.
+    handle: VmmHandle,
     events: EventManager<Box<dyn MutEventSubscriber + Send>>,
     /// The virtio-mmio transports (also reachable through `mmio`).
     transports: Vec<Arc<Mutex<MmioTransport>>>,
@@ -300,19 +301,20 @@ impl Vmm {
         let transports = pending.attach(&vm, &mem, &mut mmio, &mut events)?;
 
         // vCPU threads are kicked out of KVM_RUN with a signal whose handler
-        // does nothing: the interrupted ioctl returns EINTR and the loop sees
-        // `stopping`.
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Host {
+        // sets the thread's vCPU `immediate_exit`: KVM_RUN returns EINTR and
+        // the loop reads its commands.
+        register_signal_handler(SIGRTMIN(), control::kick_handler).map_err(|e| VmmError::Host {
             what: "the vCPU kick signal",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
+        let (handle, channels) = VmmHandle::new(config.cpus, exit.clone());
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for index in 0..config.cpus {
+        for (index, channel) in (0..config.cpus).zip(channels) {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(vm_err("KVM_CREATE_VCPU"))?;
             vcpu::configure(&kvm, &fd, index, config.cpus, entry.entry, cr3)?;
-            vcpus.push((index, fd));
+            vcpus.push((index, fd, channel));
         }
         tracing::debug!(
             "vm: {} vCPUs configured after {:?}",
@@ -321,6 +323,7 @@ impl Vmm {
         );
         Ok(Self {
             vcpus,
+            handle,
             events,
             transports,
             pio,
@@ -334,6 +337,12 @@ impl Vmm {
         })
     }
 
+    /// Pauses, resumes and stops this VM from another thread, once it runs.
+    #[must_use]
+    pub fn handle(&self) -> VmmHandle {
+        self.handle.clone()
+    }
+
     /// Starts the vCPU threads and runs the device event loop on the calling
     /// thread until the VM stops; returns how it ended. Opens no host path.
     ///
@@ -343,6 +352,7 @@ impl Vmm {
     pub fn run(self) -> Result<VmExit, VmmError> {
         let Self {
             vcpus,
+            handle,
             mut events,
             transports,
             pio,
@@ -356,11 +366,11 @@ impl Vmm {
         } = self;
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
         let mut outcome = Ok(());
-        for (index, fd) in vcpus {
+        for (index, fd, channel) in vcpus {
             let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_loop(index, fd, &pio, &mmio, &exit));
+                .spawn(move || vcpu::run_loop(index, fd, &pio, &mmio, &exit, &channel));
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
@@ -372,14 +382,11 @@ impl Vmm {
                 }
             }
         }
+        handle.started(threads);
         let result = match outcome {
             Ok(()) => {
-                tracing::debug!(
-                    "vm: {} vCPUs running after {:?}",
-                    threads.len(),
-                    started.elapsed()
-                );
-                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &watch, threads);
+                tracing::debug!("vm: vCPUs running after {:?}", started.elapsed());
+                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &watch, &handle);
                 tracing::debug!("vm: stopped after {:?}: {ended:?}", started.elapsed());
                 if !all_stopped {
                     leak_guest_memory(&mem);
@@ -389,7 +396,7 @@ impl Vmm {
             Err(e) => {
                 // The vCPUs already running must stop before the VM goes.
                 exit.exit(VmExit::Error(e.to_string()));
-                if !stop_vcpus(threads) {
+                if !stop_vcpus(handle.take_threads()) {
                     leak_guest_memory(&mem);
                 }
                 Err(e)
@@ -440,9 +447,9 @@ fn run_until_exit(
     events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
     exit: &ExitSignal,
     watch: &ConsoleWatch,
-    threads: Vec<JoinHandle<()>>,
+    handle: &VmmHandle,
 ) -> (VmExit, bool) {
-    let stopper = VcpuStopper::start(threads, exit);
+    let stopper = VcpuStopper::start(handle, exit);
     let outcome = event_loop(events, exit, watch);
     let all_stopped = stopper.finish();
     (outcome, all_stopped)
@@ -454,19 +461,17 @@ enum VcpuStopper {
     /// every vCPU thread was joined.
     Thread(JoinHandle<bool>),
     /// No thread could be started: the vCPUs are stopped after the event loop.
-    Inline(Vec<JoinHandle<()>>),
+    Inline(VmmHandle),
 }
 
 impl VcpuStopper {
-    fn start(threads: Vec<JoinHandle<()>>, exit: &ExitSignal) -> Self {
-        let shared = Arc::new(Mutex::new(threads));
-        let (handles, exit) = (Arc::clone(&shared), exit.clone());
+    fn start(handle: &VmmHandle, exit: &ExitSignal) -> Self {
+        let (stopper_handle, exit) = (handle.clone(), exit.clone());
         let spawned = std::thread::Builder::new()
             .name("vcpu-stop".into())
             .spawn(move || {
                 exit.wait();
-                let threads = std::mem::take(&mut *lock(&handles));
-                stop_vcpus(threads)
+                stop_vcpus(stopper_handle.take_threads())
             });
         match spawned {
             Ok(thread) => Self::Thread(thread),
@@ -474,7 +479,7 @@ impl VcpuStopper {
                 tracing::warn!(
                     "vm: no thread to stop the vCPUs ({e}); they stop after the event loop"
                 );
-                Self::Inline(std::mem::take(&mut *lock(&shared)))
+                Self::Inline(handle.clone())
             }
         }
     }
@@ -487,13 +492,9 @@ impl VcpuStopper {
                 tracing::warn!("vm: the vCPU stopper panicked");
                 false
             }),
-            Self::Inline(threads) => stop_vcpus(threads),
+            Self::Inline(handle) => stop_vcpus(handle.take_threads()),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs device I/O until the VM stops; returns how it ended.
@@ -605,7 +606,7 @@ mod tests {
 
     #[test]
     fn vcpus_stop_at_once_while_a_device_keeps_the_event_loop_busy() {
-        register_signal_handler(SIGRTMIN(), kick_handler).unwrap();
+        register_signal_handler(SIGRTMIN(), control::kick_handler).unwrap();
         let exit = ExitSignal::new().unwrap();
         let watch = ConsoleWatch::new().unwrap();
         let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -620,7 +621,8 @@ mod tests {
         events.add_subscriber(Box::new(Busy { evt, batch }));
 
         let stopped = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..2).map(|_| fake_vcpu(&exit, &stopped)).collect();
+        let (handle, _channels) = VmmHandle::new(2, exit.clone());
+        handle.started((0..2).map(|_| fake_vcpu(&exit, &stopped)).collect());
         let asker = {
             let exit = exit.clone();
             std::thread::spawn(move || {
@@ -630,7 +632,7 @@ mod tests {
                 at
             })
         };
-        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &watch, threads);
+        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &watch, &handle);
         assert!(all_stopped);
         let returned = Instant::now();
         let asked = asker.join().unwrap();

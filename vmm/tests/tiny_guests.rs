@@ -289,3 +289,57 @@ fn a_built_vm_runs_where_no_host_path_can_be_seen() {
         (VmExit::Reset, "jailed\n".to_string())
     );
 }
+
+/// Prints `x` forever, with a pause between two: `mov dx, 0x3f8`, then
+/// `mov ecx, 0x40000; loop $; mov al, 'x'; out dx, al; jmp` back.
+const TICKER: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xe2, 0xfe, 0xb0, b'x', 0xee, 0xeb, 0xf4,
+];
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < give_up, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_running_vm_pauses_resumes_and_stops_on_command() {
+    let kernel = kernel_file("ticker", TICKER);
+    let out = Capture::default();
+    // Two vCPUs: the second waits for a SIPI inside KVM_RUN, and must be
+    // brought out of it too.
+    let vmm = vmm::Vmm::build(config(&kernel, 2, &out)).expect("the VM should build");
+    std::fs::remove_file(&kernel).unwrap();
+    let handle = vmm.handle();
+    assert!(matches!(handle.pause(), Err(vmm::ControlError::NotRunning)));
+    let vm = std::thread::spawn(move || vmm.run());
+    let printed = || out.0.lock().unwrap().len();
+
+    wait_for("the guest to print", || printed() > 3);
+    handle.pause().expect("the vCPUs should pause");
+    let at_pause = printed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(printed(), at_pause, "the guest ran while paused");
+    handle.pause().expect("pausing a paused VM is fine");
+
+    handle.resume().expect("the vCPUs should resume");
+    wait_for("the guest to print again", || printed() > at_pause + 3);
+
+    // A paused VM stops too.
+    handle.pause().expect("the vCPUs should pause again");
+    let asked = Instant::now();
+    handle.stop(VmExit::Error("stopped by the host".into()));
+    let exit = vm.join().unwrap().expect("the VM should run");
+    assert_eq!(exit, VmExit::Error("stopped by the host".into()));
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the VM took {took:?} to stop"
+    );
+    assert!(matches!(
+        handle.resume(),
+        Err(vmm::ControlError::NotRunning)
+    ));
+}
