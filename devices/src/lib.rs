@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pseudo;
 pub mod ratelimit;
 pub mod virtio;
 

@@ -13,6 +13,7 @@ pub use hull_protocol::{security, spec, PROTOCOL_VERSION};
 
 pub mod command;
 pub mod init;
+pub mod ports;
 pub mod sys;
 pub mod unpack;
 pub mod user;

@@ -12,6 +12,7 @@
 //! container's privileges within it.
 
 pub mod frame;
+pub mod ports;
 pub mod security;
 pub mod spec;
 

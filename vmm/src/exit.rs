@@ -8,9 +8,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest reset its CPUs through the i8042 (`reboot` with `reboot=k`).
+    /// The guest reset its CPUs through the i8042 (`reboot` with `reboot=k`)
+    /// without announcing it on the power-off doorbell.
     Reset,
-    /// The guest kernel powered off or halted.
+    /// The guest rang the power-off doorbell (hull's init does, once all is
+    /// synced), or KVM reported a shutdown.
     PowerOff,
     /// The guest kernel panicked; the console line it printed.
     Panic(String),
@@ -125,6 +127,20 @@ impl devices::Trigger for ExitSignal {
 
     fn trigger(&self) -> Result<(), Self::E> {
         self.exit(VmExit::Reset);
+        Ok(())
+    }
+}
+
+/// The power-off doorbell's line: records a clean power-off, in the vCPU
+/// thread that rang it.
+#[derive(Debug, Clone)]
+pub struct PowerOffLine(pub ExitSignal);
+
+impl devices::Trigger for PowerOffLine {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.exit(VmExit::PowerOff);
         Ok(())
     }
 }

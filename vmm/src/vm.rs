@@ -13,6 +13,7 @@ use devices::legacy::{
     ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN,
     COM1_PORT, I8042, I8042_LEN, I8042_PORT,
 };
+use devices::pseudo::{PowerPort, POWER_LEN, POWER_PORT};
 use devices::virtio::MmioTransport;
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -27,7 +28,7 @@ use crate::boot::{self, mptable, BootError, BootSource};
 use crate::control::{self, VcpuChannel, VmmHandle};
 use crate::device_manager::NetConfig;
 use crate::device_manager::{DeviceError, DiskConfig, FsShare, PendingDevices};
-use crate::exit::{ExitSignal, VmExit};
+use crate::exit::{ExitSignal, PowerOffLine, VmExit};
 use crate::kvm::{self, GuestNeeds, KvmError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{self, MemoryError};
@@ -279,6 +280,12 @@ impl Vmm {
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             I8042_PORT,
             I8042_LEN,
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(PowerPort::new(PowerOffLine(exit.clone())))),
+            u64::from(POWER_PORT),
+            POWER_LEN,
         )
         .map_err(bus_err)?;
         let mut mmio = Bus::new();

@@ -170,7 +170,8 @@ impl Init {
     }
 
     /// Sends the last frame, ends every process, syncs, remounts read-only
-    /// what it can and reboots (the VMM takes that as the end).
+    /// what it can and rings the VMM's power-off doorbell (rebooting if that
+    /// returns).
     fn finish(&mut self, last: Option<&Frame>) -> ! {
         if let Some(Frame::Failed { code, message }) = last {
             console(&format!("error ({code}): {message}"));
@@ -206,6 +207,11 @@ impl Init {
         }
         // SAFETY: plain call.
         unsafe { libc::sync() };
+        // The VM ends here on hull's VMM, known to be a clean end; the
+        // reboot below is for a VMM without the doorbell.
+        if let Err(e) = crate::ports::write(crate::ports::POWER_PORT, crate::ports::POWER_OFF) {
+            console(&format!("cannot ring the power-off doorbell: {e}"));
+        }
         loop {
             // SAFETY: rebooting is the init's way out; on failure, try again later.
             unsafe { libc::reboot(libc::RB_AUTOBOOT) };
