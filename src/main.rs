@@ -17,6 +17,7 @@ mod monitor;
 mod network;
 mod run;
 mod session;
+mod tty;
 mod virtiofs;
 mod volume;
 

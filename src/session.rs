@@ -208,7 +208,7 @@ impl Session<'_> {
             let signo = unsafe { info.assume_init() }.ssi_signo;
             let signo = i32::try_from(signo).unwrap_or(libc::SIGTERM);
             if signo == libc::SIGWINCH {
-                if let Some((rows, cols)) = crate::client::window_size(libc::STDIN_FILENO) {
+                if let Some((rows, cols)) = crate::tty::window_size(libc::STDIN_FILENO) {
                     self.queue(&Frame::Resize(rows, cols))?;
                 }
                 return Ok(());
