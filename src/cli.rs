@@ -46,6 +46,10 @@ pub enum Command {
     /// Run a container's monitor (internal: started by `hull run`).
     #[command(name = "__monitor", hide = true)]
     Monitor(MonitorArgs),
+    /// Run a container's VMM (internal: started by its monitor, which hands
+    /// it its VM on stdin).
+    #[command(name = "__vmm", hide = true)]
+    Vmm,
     /// Pull an image from a registry.
     Pull(PullArgs),
     /// Log in to a registry (credentials go to docker's config.json).

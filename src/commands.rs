@@ -31,6 +31,9 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Inspect(args) => inspect(&args),
         Command::Port(args) => port(&args),
         Command::Container(ContainerCommand::Prune) => container_prune(),
+        Command::Vmm => Ok(ExitCode::from(
+            u8::try_from(crate::vmmproc::child_main()).unwrap_or(125),
+        )),
         Command::Monitor(args) => {
             crate::monitor::run(&args.id, args.wait_attach, debug)?;
             Ok(ExitCode::SUCCESS)

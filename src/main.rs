@@ -12,6 +12,7 @@ mod disks;
 mod guest;
 mod imagedisk;
 mod initramfs;
+mod jail;
 mod logfile;
 mod monitor;
 mod network;
@@ -19,6 +20,7 @@ mod run;
 mod session;
 mod tty;
 mod virtiofs;
+mod vmmproc;
 mod volume;
 
 use std::process::ExitCode;
@@ -30,6 +32,12 @@ const EXIT_HULL_ERROR: u8 = 125;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if matches!(cli.command, cli::Command::Vmm) {
+        // Its stderr is a pipe the monitor relays (capped) into its log.
+        init_logging(cli.debug, false);
+        let code = vmmproc::child_main();
+        return ExitCode::from(u8::try_from(code).unwrap_or(EXIT_HULL_ERROR));
+    }
     let monitor = matches!(cli.command, cli::Command::Monitor(_));
     // With --debug a monitor's stderr is the terminal of `hull run --debug`.
     init_logging(cli.debug, monitor && !cli.debug);

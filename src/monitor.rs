@@ -146,7 +146,7 @@ struct Monitor {
     exec_owner: HashMap<u32, usize>,
     stop_deadline: Option<Instant>,
     force_deadline: Option<Instant>,
-    exit_signal: vmm::ExitSignal,
+    exit_signal: crate::vmmproc::Control,
     /// The main process runs (the init reported its exec).
     main_running: bool,
     /// Frames for processes that do not run yet (exec requests and every
@@ -641,17 +641,15 @@ fn run_locked(
         s.started = Some(now());
     })?;
     let crate::run::PreparedVm {
-        vm_config,
+        vm,
         spec_json,
         host_end,
-        exit_signal,
         passt,
         volumes: _volumes,
         shares: _shares,
     } = prepared;
-    let vm = std::thread::Builder::new()
-        .name("vmm".into())
-        .spawn(move || vmm::run(vm_config))?;
+    let vm = crate::vmmproc::spawn(vm, debug)?;
+    let exit_signal = vm.control();
     host_end.set_nonblocking(true)?;
     let mut monitor = Monitor {
         guest: host_end,
@@ -680,7 +678,7 @@ fn run_locked(
     }
     drop(listener);
     let _ = std::fs::remove_file(&socket);
-    let vm_exit = vm.join().map_err(|_| "the VMM thread panicked")?;
+    let vm_exit = vm.wait();
     // The container's ports are freed with it, before it is recorded as exited.
     if let Some(mut passt) = passt {
         if let Some(why) = passt.exited() {

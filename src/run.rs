@@ -5,7 +5,6 @@
 //! rules), prepare disks, boot the VM, and relay the container's stdio until
 //! the guest init reports how it ended.
 
-use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -502,14 +501,12 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
 
 /// A VM ready to start, and what the monitor needs around it.
 pub struct PreparedVm {
-    /// The VM.
-    pub vm_config: vmm::VmConfig,
+    /// The VM, for its own process.
+    pub vm: crate::vmmproc::Launch,
     /// The run spec for the init.
     pub spec_json: Vec<u8>,
     /// The host end of the control stream.
     pub host_end: UnixStream,
-    /// Stops the VM from the host.
-    pub exit_signal: vmm::ExitSignal,
     /// The container's passt, if it has one (killed when dropped).
     pub passt: Option<crate::network::Passt>,
     /// The container's named volumes, held while it runs.
@@ -556,18 +553,25 @@ pub fn prepare_vm(
         },
     ];
     disks_cfg.extend(mounts.disks);
-    let console_out: Box<dyn Write + Send> = if debug {
-        Box::new(std::io::stderr())
+    let console = if debug {
+        None
     } else {
-        Box::new(crate::logfile::CappedWriter::new(
-            std::fs::File::create(container.path(files::CONSOLE))?,
-            crate::logfile::CONSOLE_CAP,
-        ))
+        Some(std::fs::File::create(container.path(files::CONSOLE))?)
     };
     let (host_end, guest_end) = UnixStream::pair()?;
-    let exit_signal = vmm::ExitSignal::new()?;
     let (net, passt) = crate::network::prepare(container.config.network.as_ref())?;
-    let vm_config = vmm::VmConfig {
+    let jail = if crate::jail::enabled() {
+        Some(crate::jail::plan(
+            &container.dir,
+            &container.config.id,
+            container.config.memory_mib,
+            container.config.spec.security.cpu_millis,
+        )?)
+    } else {
+        tracing::debug!("jail: HULL_JAIL=off: the VMM runs unconfined");
+        None
+    };
+    let vm = crate::vmmproc::Launch {
         boot: vmm::BootSource {
             kernel: container.config.kernel.clone(),
             initrd: Some(initrd),
@@ -575,22 +579,17 @@ pub fn prepare_vm(
         },
         memory_mib: container.config.memory_mib,
         cpus: container.config.cpus,
-        kvm_path: "/dev/kvm".into(),
-        guest_needs: vmm::GuestNeeds::LinuxKernel,
-        console_out,
-        console_in: None,
+        console,
         disks: disks_cfg,
         shares: shares_cfg,
-        control: Some(guest_end),
-        entropy: true,
+        control: guest_end,
         net,
-        exit_signal: Some(exit_signal.clone()),
+        jail,
     };
     Ok(PreparedVm {
-        vm_config,
+        vm,
         spec_json: serde_json::to_vec(&container.config.spec)?,
         host_end,
-        exit_signal,
         passt,
         volumes: mounts.held,
         shares,

@@ -27,7 +27,7 @@ const LAST_IRQ: u32 = 23;
 pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
 
 /// A disk to attach as virtio-blk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The host file backing it.
     pub path: PathBuf,
@@ -42,7 +42,7 @@ pub struct DiskConfig {
 
 /// A virtio-fs share: a vhost-user backend (virtiofsd) listening on
 /// `socket`, seen by the guest under `tag`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FsShare {
     /// The backend's UNIX socket.
     pub socket: PathBuf,

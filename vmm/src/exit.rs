@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why the VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmExit {
     /// The guest reset its CPUs through the i8042 (`reboot` with `reboot=k`)
     /// without announcing it on the power-off doorbell.

@@ -71,7 +71,7 @@ fn is_pvm(sys_module: &Path) -> bool {
 }
 
 /// What the guest needs from KVM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum GuestNeeds {
     /// A Linux kernel: refuse a KVM that cannot run one (PVM).
     #[default]

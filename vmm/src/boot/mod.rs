@@ -33,7 +33,7 @@ const PAGE_SIZE: u64 = 4096;
 const ELF_MACHINE_X86_64: u16 = 0x3e;
 
 /// What to boot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BootSource {
     /// An uncompressed ELF `vmlinux` or a `bzImage`.
     pub kernel: PathBuf,
