@@ -236,6 +236,15 @@ impl Unpacker {
         })
     }
 
+    /// Resolves parent directories by the component-by-component walk only
+    /// (as where `openat2` is missing), for the fuzz targets in `fuzz/`.
+    #[cfg(feature = "fuzzing")]
+    #[must_use]
+    pub fn without_openat2(mut self) -> Self {
+        self.openat2 = false;
+        self
+    }
+
     /// Applies one layer's tar stream (already decompressed). `label` starts
     /// every error message (e.g. `layer 2 (sha256:…)`); `note` receives
     /// remarks that are not errors (skipped xattrs).

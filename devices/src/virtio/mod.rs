@@ -591,8 +591,9 @@ fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod test_utils;
 
 #[cfg(test)]
 mod tests {

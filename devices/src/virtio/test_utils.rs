@@ -1,51 +1,192 @@
 //! A driver-side harness for device tests: guest memory, split queues laid out
 //! in it, the device activated and driven through a real event manager.
+//!
+//! [`Rings`], the part that lays out descriptor chains and reads the used
+//! rings, is also what the fuzz targets in `fuzz/` drive devices with (the
+//! `fuzzing` feature), behind the real virtio-mmio transport.
 
+// A harness that cannot set itself up panics: that is a broken test.
+#![allow(clippy::unwrap_used)]
+
+#[cfg(test)]
 use std::sync::atomic::{fence, AtomicBool, Ordering};
+#[cfg(test)]
 use std::sync::{Arc, Mutex};
+#[cfg(test)]
 use std::thread::JoinHandle;
+#[cfg(test)]
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::DescriptorTable;
+#[cfg(test)]
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+#[cfg(test)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+#[cfg(test)]
 use super::{DeviceQueue, Interrupt, VirtioDevice};
 
 /// `VRING_DESC_F_NEXT` and `VRING_DESC_F_WRITE` as descriptor flags.
-pub(crate) const NEXT: u16 = 1;
-pub(crate) const WRITE: u16 = 2;
-pub(crate) const INDIRECT: u16 = 4;
+pub const NEXT: u16 = 1;
+pub const WRITE: u16 = 2;
+pub const INDIRECT: u16 = 4;
 
 /// Where tests put their data buffers (queues live below).
-pub(crate) const DATA: u64 = 0x10_0000;
-pub(crate) const MEM_SIZE: usize = 0x40_0000;
+pub const DATA: u64 = 0x10_0000;
+pub const MEM_SIZE: usize = 0x40_0000;
 
-fn desc_table(q: usize) -> u64 {
+/// Where the descriptor table of queue `q` lives.
+#[must_use]
+pub fn desc_table(q: usize) -> u64 {
     0x1_0000 * (q as u64 + 1)
 }
-fn avail_ring(q: usize) -> u64 {
+/// Where the available ring of queue `q` lives.
+#[must_use]
+pub fn avail_ring(q: usize) -> u64 {
     desc_table(q) + 0x1000
 }
-fn used_ring(q: usize) -> u64 {
+/// Where the used ring of queue `q` lives.
+#[must_use]
+pub fn used_ring(q: usize) -> u64 {
     desc_table(q) + 0x2000
 }
 
+/// The driver's side of split queues laid out at [`desc_table`],
+/// [`avail_ring`] and [`used_ring`]: it offers chains and reads what the
+/// device used. Queue indices must be below the number of `sizes`.
+#[derive(Debug, Default)]
+pub struct Rings {
+    sizes: Vec<u16>,
+    next_desc: Vec<u16>,
+    avail_idx: Vec<u16>,
+}
+
+impl Rings {
+    /// Fresh, zeroed rings of `sizes` in `mem`.
+    pub fn new(mem: &GuestMemoryMmap, sizes: &[u16]) -> Self {
+        for i in 0..sizes.len() {
+            mem.write_slice(&[0u8; 0x3000], GuestAddress(desc_table(i)))
+                .unwrap();
+        }
+        Self {
+            sizes: sizes.to_vec(),
+            next_desc: vec![0; sizes.len()],
+            avail_idx: vec![0; sizes.len()],
+        }
+    }
+
+    /// The size of each queue.
+    #[must_use]
+    pub fn sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    /// Writes descriptors `(addr, len, flags, next)` from index `at` on
+    /// (wrapping), and offers `at` as a chain head.
+    pub fn raw_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        q: usize,
+        descs: &[(u64, u32, u16, u16)],
+        at: u16,
+    ) {
+        let size = self.sizes[q];
+        let table = DescriptorTable::new(mem, GuestAddress(desc_table(q)), size);
+        let mut index = at % size;
+        for &(addr, len, flags, next) in descs {
+            let d = SplitDescriptor::new(addr, len, flags, next);
+            table.store(index, RawDescriptor::from(d)).unwrap();
+            index = (index + 1) % size;
+        }
+        self.push_avail(mem, q, at);
+    }
+
+    /// Offers a chain of `(addr, len, flags)` buffers (NEXT is added).
+    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, q: usize, bufs: &[(u64, u32, u16)]) {
+        let size = self.sizes[q];
+        let head = self.next_desc[q];
+        let table = DescriptorTable::new(mem, GuestAddress(desc_table(q)), size);
+        let mut index = head;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let next = (index + 1) % size;
+            let flags = if i + 1 < bufs.len() {
+                flags | NEXT
+            } else {
+                flags
+            };
+            table
+                .store(
+                    index,
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+                )
+                .unwrap();
+            index = next;
+        }
+        self.next_desc[q] = index;
+        self.push_avail(mem, q, head);
+    }
+
+    /// Puts `head` on the available ring (without checking it).
+    pub fn push_avail(&mut self, mem: &GuestMemoryMmap, q: usize, head: u16) {
+        let idx = self.avail_idx[q];
+        let slot = u64::from(idx % self.sizes[q]);
+        mem.write_obj(head, GuestAddress(avail_ring(q) + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx[q] = idx.wrapping_add(1);
+        Self::set_avail_idx(mem, q, self.avail_idx[q]);
+    }
+
+    /// Writes the available ring's index as a (possibly lying) driver would.
+    pub fn set_avail_idx(mem: &GuestMemoryMmap, q: usize, idx: u16) {
+        mem.write_obj(idx, GuestAddress(avail_ring(q) + 2)).unwrap();
+    }
+
+    /// The used ring of queue `q`: (head, len) for each used chain.
+    #[must_use]
+    pub fn used(&self, mem: &GuestMemoryMmap, q: usize) -> Vec<(u32, u32)> {
+        let idx = Self::used_idx(mem, q);
+        (0..idx)
+            .map(|i| {
+                let slot = u64::from(i % self.sizes[q]);
+                let e: VirtqUsedElem = mem
+                    .read_obj(GuestAddress(used_ring(q) + 4 + 8 * slot))
+                    .unwrap();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    /// The used ring's index of queue `q`.
+    #[must_use]
+    pub fn used_idx(mem: &GuestMemoryMmap, q: usize) -> u16 {
+        mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()
+    }
+
+    /// Whether the device asked the driver not to notify queue `q`
+    /// (`VRING_USED_F_NO_NOTIFY` in the used ring's flags).
+    #[must_use]
+    pub fn no_notify(mem: &GuestMemoryMmap, q: usize) -> bool {
+        let flags: u16 = mem.read_obj(GuestAddress(used_ring(q))).unwrap();
+        flags & 1 != 0
+    }
+}
+
+#[cfg(test)]
 pub(crate) struct Harness<D: VirtioDevice + MutEventSubscriber + 'static> {
     pub mem: GuestMemoryMmap,
     pub dev: Arc<Mutex<D>>,
     pub interrupt: Arc<Interrupt>,
     manager: EventManager<Arc<Mutex<D>>>,
     notify: Vec<EventFd>,
-    sizes: Vec<u16>,
-    next_desc: Vec<u16>,
-    avail_idx: Vec<u16>,
+    rings: Rings,
 }
 
+#[cfg(test)]
 impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// `dev` activated with queues of `sizes`, all ready.
     pub fn new(dev: D, sizes: &[u16]) -> Self {
@@ -64,9 +205,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
             interrupt: Arc::new(Interrupt::new().unwrap()),
             manager,
             notify: Vec::new(),
-            sizes: Vec::new(),
-            next_desc: Vec::new(),
-            avail_idx: Vec::new(),
+            rings: Rings::default(),
         };
         h.activate_again(sizes);
         h
@@ -75,18 +214,13 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// Activates the device again (after [`reset`](Self::reset)), with fresh rings.
     pub fn activate_again(&mut self, sizes: &[u16]) {
         let max: Vec<u16> = self.dev.lock().unwrap().queue_max_sizes().to_vec();
-        self.sizes = sizes.to_vec();
-        self.next_desc = vec![0; sizes.len()];
-        self.avail_idx = vec![0; sizes.len()];
+        self.rings = Rings::new(&self.mem, sizes);
         self.notify = sizes
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
         let mut queues = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
-            self.mem
-                .write_slice(&[0u8; 0x3000], GuestAddress(desc_table(i)))
-                .unwrap();
             let mut q = Queue::new(max[i]).unwrap();
             q.try_set_size(size).unwrap();
             q.try_set_desc_table_address(GuestAddress(desc_table(i)))
@@ -123,57 +257,22 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// Writes descriptors `(addr, len, flags, next)` from index `at` on, and
     /// offers `at` as a chain head.
     pub fn raw_chain(&mut self, q: usize, descs: &[(u64, u32, u16, u16)], at: u16) {
-        let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), self.sizes[q]);
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let d = SplitDescriptor::new(addr, len, flags, next);
-            table
-                .store(at + u16::try_from(i).unwrap(), RawDescriptor::from(d))
-                .unwrap();
-        }
-        self.push_avail(q, at);
+        self.rings.raw_chain(&self.mem, q, descs, at);
     }
 
     /// Offers a chain of `(addr, len, flags)` buffers (NEXT is added).
     pub fn add_chain(&mut self, q: usize, bufs: &[(u64, u32, u16)]) {
-        let size = self.sizes[q];
-        let head = self.next_desc[q];
-        let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), size);
-        let mut index = head;
-        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
-            let next = (index + 1) % size;
-            let flags = if i + 1 < bufs.len() {
-                flags | NEXT
-            } else {
-                flags
-            };
-            table
-                .store(
-                    index,
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-                )
-                .unwrap();
-            index = next;
-        }
-        self.next_desc[q] = index;
-        self.push_avail(q, head);
+        self.rings.add_chain(&self.mem, q, bufs);
     }
 
     /// Puts `head` on the available ring (without checking it).
     pub fn push_avail(&mut self, q: usize, head: u16) {
-        let idx = self.avail_idx[q];
-        let slot = u64::from(idx % self.sizes[q]);
-        self.mem
-            .write_obj(head, GuestAddress(avail_ring(q) + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx[q] = idx.wrapping_add(1);
-        self.set_avail_idx(q, self.avail_idx[q]);
+        self.rings.push_avail(&self.mem, q, head);
     }
 
     /// Writes the available ring's index as a (possibly lying) driver would.
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(avail_ring(q) + 2))
-            .unwrap();
+        Rings::set_avail_idx(&self.mem, q, idx);
     }
 
     /// Notifies queue `q` and runs the event loop.
@@ -186,8 +285,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// (`VRING_USED_F_NO_NOTIFY` in the used ring's flags), as Linux does,
     /// then runs the event loop.
     pub fn notify_if_wanted(&mut self, q: usize) {
-        let flags: u16 = self.mem.read_obj(GuestAddress(used_ring(q))).unwrap();
-        if flags & 1 == 0 {
+        if !Rings::no_notify(&self.mem, q) {
             self.notify[q].write(1).unwrap();
         }
         self.pump();
@@ -195,17 +293,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
 
     /// The used ring of queue `q`: (head, len) for each used chain.
     pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap();
-        (0..idx)
-            .map(|i| {
-                let slot = u64::from(i % self.sizes[q]);
-                let e: VirtqUsedElem = self
-                    .mem
-                    .read_obj(GuestAddress(used_ring(q) + 4 + 8 * slot))
-                    .unwrap();
-                (e.id(), e.len())
-            })
-            .collect()
+        self.rings.used(&self.mem, q)
     }
 
     /// One wake-up of the event loop (what the VMM's loop does between two
@@ -216,7 +304,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
 
     /// The used ring's index of queue `q`.
     pub fn used_idx(&self, q: usize) -> u16 {
-        self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()
+        Rings::used_idx(&self.mem, q)
     }
 
     /// Starts a driver, in another thread, that keeps queue `q` full: slot
@@ -234,7 +322,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
         let serial = FULL_RING_TESTS
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let size = self.sizes[q];
+        let size = self.rings.sizes[q];
         let table = DescriptorTable::new(&self.mem, GuestAddress(desc_table(q)), size);
         for i in 0..size {
             let (addr, len, flags) = desc(i);
@@ -249,7 +337,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
         let notify = self.notify[q].try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_guest = stop.clone();
-        let mut avail = self.avail_idx[q];
+        let mut avail = self.rings.avail_idx[q];
         let thread = std::thread::spawn(move || {
             let used_at = GuestAddress(used_ring(q) + 2);
             let mut last: u16 = mem.read_obj(used_at).unwrap();
@@ -290,7 +378,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
     /// the VM is asked to stop, 500 ms in. Checks that no wake-up served more
     /// than a queue's worth of chains and that the loop then stops at once.
     pub fn assert_bounded_while_kept_full(&mut self, q: usize, guest: FullRingGuest) {
-        let size = self.sizes[q];
+        let size = self.rings.sizes[q];
         let stopping = Arc::new(AtomicBool::new(false));
         let stopper = {
             let stopping = stopping.clone();
@@ -343,14 +431,17 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
 }
 
 /// A driver thread started by [`Harness::full_ring_guest`].
+#[cfg(test)]
 pub(crate) struct FullRingGuest {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<u64>>,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+#[cfg(test)]
 static FULL_RING_TESTS: Mutex<()> = Mutex::new(());
 
+#[cfg(test)]
 impl FullRingGuest {
     /// Stops the driver; returns how many chains the device used meanwhile.
     pub fn stop(mut self) -> u64 {
@@ -359,6 +450,7 @@ impl FullRingGuest {
     }
 }
 
+#[cfg(test)]
 impl Drop for FullRingGuest {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
