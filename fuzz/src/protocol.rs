@@ -9,8 +9,8 @@
 //! encodes back to bytes that decode to it; a spec or exec payload that
 //! parses as JSON survives a round trip.
 
-use guest_init::protocol::{Frame, FrameDecoder, ProtocolError, HEADER_LEN, MAX_PAYLOAD};
-use guest_init::spec::{ExecSpec, RunSpec};
+use hull_protocol::frame::{Frame, FrameDecoder, ProtocolError, HEADER_LEN, MAX_PAYLOAD};
+use hull_protocol::spec::{ExecSpec, RunSpec};
 
 use crate::Input;
 
@@ -32,7 +32,7 @@ pub fn run(data: &[u8]) {
             match decoder.next_frame() {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break,
-                Err(ProtocolError::Invalid(_)) => {
+                Err(ProtocolError::Invalid(_) | ProtocolError::Version { .. }) => {
                     broken = true;
                     break 'feed;
                 }
@@ -64,7 +64,7 @@ pub fn run(data: &[u8]) {
         }
     }
     match Frame::read_from(&mut reader) {
-        Err(ProtocolError::Invalid(_)) => {}
+        Err(ProtocolError::Invalid(_) | ProtocolError::Version { .. }) => {}
         Err(ProtocolError::Closed) => assert!(!broken, "read_from saw no error"),
         Err(e) => panic!("read_from failed with {e:?}"),
         Ok(f) => panic!("read_from decoded {f:?} past the decoder's last frame"),

@@ -2,8 +2,8 @@
 //! deep paths (a negotiated device serving requests, frames of every kind,
 //! tar streams with every entry type), for the fuzzer to mutate.
 
-use guest_init::protocol::Frame;
-use guest_init::spec::RunSpec;
+use hull_protocol::frame::Frame;
+use hull_protocol::spec::RunSpec;
 
 use crate::virtio::{op, Kind, Program};
 
