@@ -261,13 +261,28 @@ fn build(
     disks_cfg.extend(layers_disk);
     let (host_end, guest_end) =
         UnixStream::pair().map_err(|e| failed(format!("control stream: {e}")))?;
-    let exit_signal = vmm::ExitSignal::new().map_err(|e| failed(e.to_string()))?;
-    let console_out: Box<dyn Write + Send> = if debug {
-        Box::new(std::io::stderr())
+    // The console is not kept (the init reports over the control stream).
+    let console = if debug {
+        None
     } else {
-        Box::new(std::io::sink())
+        Some(std::fs::File::create("/dev/null").map_err(|e| failed(format!("/dev/null: {e}")))?)
     };
-    let vm_config = vmm::VmConfig {
+    // The guest unpacks the image's (hostile) layers: its VMM is jailed as a
+    // container's is, under a directory of the store's run directory.
+    let jail_dir = store
+        .root()
+        .join("run")
+        .join(format!("build-{}", image.short_id()));
+    let jail = if crate::jail::enabled() {
+        let dir = &jail_dir;
+        Some(
+            crate::jail::plan(dir, image.short_id(), BUILD_MEMORY_MIB, 1000)
+                .map_err(|e| failed(format!("cannot prepare the VMM's jail: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let launch = crate::vmmproc::Launch {
         boot: vmm::BootSource {
             kernel: kernel.to_path_buf(),
             initrd: Some(initrd),
@@ -275,30 +290,24 @@ fn build(
         },
         memory_mib: BUILD_MEMORY_MIB,
         cpus: 1,
-        kvm_path: "/dev/kvm".into(),
-        guest_needs: vmm::GuestNeeds::LinuxKernel,
-        console_out,
-        console_in: None,
         disks: disks_cfg,
         shares: Vec::new(),
-        control: Some(guest_end),
-        entropy: true,
+        control: guest_end,
+        console,
         net: None,
-        exit_signal: Some(exit_signal.clone()),
+        jail,
     };
     let signals = Signals::block().map_err(|e| failed(format!("signals: {e}")))?;
-    let vm = std::thread::Builder::new()
-        .name("vmm-build".into())
-        .spawn(move || vmm::run(vm_config))
-        .map_err(|e| failed(format!("cannot start the VMM thread: {e}")))?;
+    let vm = crate::vmmproc::spawn(launch, debug).map_err(|e| failed(crate::error_chain(&e)))?;
+    let exit_signal = vm.control();
     let talked = converse(&host_end, &spec_json, &signals, image.short_id());
     if talked.is_err() {
         exit_signal.exit(vmm::VmExit::Error("the image build was abandoned".into()));
     }
     drop(host_end);
-    let vm_exit = vm
-        .join()
-        .map_err(|_| failed("the VMM thread panicked".into()))?;
+    let vm_exit = vm.wait();
+    let _ = std::fs::remove_dir(jail_dir.join("jail"));
+    let _ = std::fs::remove_dir(&jail_dir);
     drop(signals);
     let outcome = talked?;
     match (outcome, vm_exit) {
