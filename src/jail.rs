@@ -264,6 +264,7 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// # Errors
 /// A step failed: the VM must not run half-confined.
 pub fn enter(plan: &JailPlan, limits: &Limits) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
     let open_fds = std::fs::read_dir("/proc/self/fd").map_or(64, std::iter::Iterator::count);
     // SAFETY: plain system calls on valid, NUL-terminated paths and on
     // structures that live across each call.
@@ -403,10 +404,11 @@ pub fn enter(plan: &JailPlan, limits: &Limits) -> std::io::Result<()> {
         )?;
     }
     tracing::debug!(
-        "jail: entered ({}; ids {:?}; nofile {}, fsize {}, nproc {})",
+        "jail: entered in {:?} ({}; ids {:?}; nofile {}, fsize {}, nproc {})",
+        started.elapsed(),
         plan.root.display(),
         plan.ids,
-        open_fds,
+        open_fds + usize::try_from(SPARE_FDS).unwrap_or(0),
         limits.fsize,
         limits.nproc
     );

@@ -699,9 +699,72 @@ fn run_vm(desc: LaunchDesc, commands: BufReader<File>) -> Result<vmm::VmExit, St
     vm.run().map_err(|e| crate::error_chain(&e))
 }
 
-fn read_commands(mut from: BufReader<File>, exit: &vmm::ExitSignal) {
+/// Test-only hook, honoured by `hull __vmm` alone: after this many seconds
+/// of running, the VMM's command thread makes a system call outside its
+/// seccomp filter (`socket(2)`), so that tests can see a VMM killed by its
+/// filter and the container's record saying why.
+pub const TEST_SECCOMP_VIOLATION: &str = "HULL_TEST_VMM_SECCOMP_VIOLATION";
+
+/// The monitor's commands on stdin (a readable pipe), until its end of file.
+fn read_commands(from: BufReader<File>, exit: &vmm::ExitSignal) {
+    let violate_at = std::env::var(TEST_SECCOMP_VIOLATION)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs(secs));
+    // SAFETY: epoll_create1 makes a new descriptor, owned below.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        exit.exit(vmm::VmExit::Error(format!(
+            "the VMM's command thread has no epoll: {}",
+            std::io::Error::last_os_error()
+        )));
+        return;
+    }
+    // SAFETY: epoll_create1 just returned it, owned by nobody else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+    let mut interest = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: a valid event structure for descriptors this process holds.
+    unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            from.get_ref().as_raw_fd(),
+            &mut interest,
+        )
+    };
+    let mut from = from;
     let mut line = Vec::new();
     loop {
+        let timeout = violate_at.map_or(-1, |t| {
+            i32::try_from(t.saturating_duration_since(std::time::Instant::now()).as_millis())
+                .unwrap_or(i32::MAX)
+        });
+        let mut ready = libc::epoll_event { events: 0, u64: 0 };
+        let n = if from.buffer().is_empty() {
+            // SAFETY: room for one event.
+            unsafe { libc::epoll_wait(epoll.as_raw_fd(), &mut ready, 1, timeout) }
+        } else {
+            // A command already read with the launch.
+            1
+        };
+        if n == 0 && violate_at.is_some() {
+            // SAFETY: a plain system call (that the filter forbids).
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            tracing::warn!("vmm: the test hook's socket(2) was allowed ({fd})");
+            return;
+        }
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            exit.exit(vmm::VmExit::Error(
+                "the VMM cannot read its monitor's commands".into(),
+            ));
+            return;
+        }
         line.clear();
         match from.by_ref().take(LINE_MAX).read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => {
