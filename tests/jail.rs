@@ -73,6 +73,10 @@ echo "memory.max=$(cat $cg/memory.max)"
 echo "cpu.max=$(cat $cg/cpu.max)"
 # The container still works jailed.
 echo "exec=$(hull exec jailed echo inside)"
+# --debug: the VMM's messages reach the terminal (through the monitor).
+hull --debug run --rm busybox echo debug-run > /tmp/debug.out 2>&1; echo "debug-run=$?"
+grep -E "jail: entered|vm: vCPUs running" /tmp/debug.out
+echo "debug-output=$(grep -c '^debug-run' /tmp/debug.out)"
 # A VMM that dies (here: killed) ends the container with a clear error.
 kill -9 "$v"
 for i in $(seq 1 30); do hull ps -a | grep ' jailed$' | grep -q Exited && break; sleep 1; done
@@ -162,6 +166,9 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
     assert_eq!(value(out, "memory.max="), Some("402653184"), "{out}");
     assert_eq!(value(out, "cpu.max="), Some("150000 100000"), "{out}");
     assert_eq!(value(out, "exec="), Some("inside"), "{out}");
+    assert_eq!(value(out, "debug-run="), Some("0"), "{out}");
+    run.assert_stdout_contains("jail: entered in");
+    assert_eq!(value(out, "debug-output="), Some("1"), "{out}");
     run.assert_stdout_contains("the VMM process was killed by signal 9");
     assert_eq!(value(out, "cgroup-left="), Some("0"), "{out}");
 
