@@ -36,6 +36,9 @@ use crate::jail::{self, JailPlan};
 const LINE_MAX: u64 = 1 << 20;
 /// The VMM's own messages kept in the monitor's log.
 const VMM_LOG_CAP: u64 = 1 << 20;
+/// How long [`VmmProcess::wait`] waits for a VMM to end (it is asked once
+/// its guest's control stream closed, or after a stop): then it is killed.
+const END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Exit status of `hull __vmm` when it could not even read its launch.
 const EXIT_BAD_LAUNCH: i32 = 120;
 /// Exit status of the child when it could not set itself up before `execve`.
@@ -192,6 +195,41 @@ pub struct VmmProcess {
     messages: Option<JoinHandle<String>>,
     cgroup: Option<jail::Cgroup>,
     reaped: bool,
+}
+
+/// Reads the report pipe until its end of file, at most [`LINE_MAX`] bytes
+/// kept; false when `timeout` passed first.
+fn read_report(from: &File, into: &mut Vec<u8>, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        match (&*from).read(&mut buf) {
+            Ok(0) | Err(_) => return true,
+            Ok(k) => {
+                if into.len() < usize::try_from(LINE_MAX).unwrap_or(usize::MAX) {
+                    into.extend_from_slice(&buf[..k]);
+                }
+            }
+        }
+    }
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -514,8 +552,13 @@ impl VmmProcess {
     /// The VM could not be built, or the process died without a report.
     pub fn wait(mut self) -> Result<vmm::VmExit, VmmProcessError> {
         let mut text = Vec::new();
+        let mut overdue = false;
         if let Some(r) = self.report.take() {
-            let _ = r.take(LINE_MAX).read_to_end(&mut text);
+            overdue = !read_report(&r, &mut text, END_TIMEOUT);
+            if overdue {
+                // SAFETY: our own unreaped child: the pid cannot have been reused.
+                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            }
         }
         let status = self.reap();
         let last = self
@@ -533,6 +576,9 @@ impl VmmProcess {
         match report {
             Some(Report::Exit(exit)) => Ok(exit),
             Some(Report::Failed(e)) => Err(VmmProcessError::Build(e)),
+            None if overdue => Err(VmmProcessError::Died(format!(
+                "the VMM did not end within {END_TIMEOUT:?} of being waited for: killed"
+            ))),
             None => Err(VmmProcessError::Died(died(status, &last))),
         }
     }
@@ -699,72 +745,27 @@ fn run_vm(desc: LaunchDesc, commands: BufReader<File>) -> Result<vmm::VmExit, St
     vm.run().map_err(|e| crate::error_chain(&e))
 }
 
-/// Test-only hook, honoured by `hull __vmm` alone: after this many seconds
-/// of running, the VMM's command thread makes a system call outside its
-/// seccomp filter (`socket(2)`), so that tests can see a VMM killed by its
-/// filter and the container's record saying why.
+/// Test-only hook, honoured by `hull __vmm` alone: this many seconds after
+/// the guest starts, the VMM's command thread makes a system call outside
+/// its seccomp filter (`socket(2)`; it reads no command before), so that
+/// tests can see a VMM killed by its filter and the container's record
+/// saying why. Never set it otherwise.
 pub const TEST_SECCOMP_VIOLATION: &str = "HULL_TEST_VMM_SECCOMP_VIOLATION";
 
-/// The monitor's commands on stdin (a readable pipe), until its end of file.
-fn read_commands(from: BufReader<File>, exit: &vmm::ExitSignal) {
-    let violate_at = std::env::var(TEST_SECCOMP_VIOLATION)
+/// The monitor's commands on stdin, until its end of file. Blocking reads
+/// only (the command thread's seccomp filter allows little more).
+fn read_commands(mut from: BufReader<File>, exit: &vmm::ExitSignal) {
+    if let Some(secs) = std::env::var(TEST_SECCOMP_VIOLATION)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs(secs));
-    // SAFETY: epoll_create1 makes a new descriptor, owned below.
-    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if epoll < 0 {
-        exit.exit(vmm::VmExit::Error(format!(
-            "the VMM's command thread has no epoll: {}",
-            std::io::Error::last_os_error()
-        )));
-        return;
+    {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        // SAFETY: a plain system call (one the filter forbids).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        tracing::warn!("vmm: the test hook's socket(2) was allowed ({fd})");
     }
-    // SAFETY: epoll_create1 just returned it, owned by nobody else.
-    let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-    let mut interest = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: 0,
-    };
-    // SAFETY: a valid event structure for descriptors this process holds.
-    unsafe {
-        libc::epoll_ctl(
-            epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            from.get_ref().as_raw_fd(),
-            &mut interest,
-        )
-    };
-    let mut from = from;
     let mut line = Vec::new();
     loop {
-        let timeout = violate_at.map_or(-1, |t| {
-            i32::try_from(t.saturating_duration_since(std::time::Instant::now()).as_millis())
-                .unwrap_or(i32::MAX)
-        });
-        let mut ready = libc::epoll_event { events: 0, u64: 0 };
-        let n = if from.buffer().is_empty() {
-            // SAFETY: room for one event.
-            unsafe { libc::epoll_wait(epoll.as_raw_fd(), &mut ready, 1, timeout) }
-        } else {
-            // A command already read with the launch.
-            1
-        };
-        if n == 0 && violate_at.is_some() {
-            // SAFETY: a plain system call (that the filter forbids).
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            tracing::warn!("vmm: the test hook's socket(2) was allowed ({fd})");
-            return;
-        }
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            exit.exit(vmm::VmExit::Error(
-                "the VMM cannot read its monitor's commands".into(),
-            ));
-            return;
-        }
         line.clear();
         match from.by_ref().take(LINE_MAX).read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => {
