@@ -75,6 +75,27 @@ pub enum Command {
     Volume(VolumeCommand),
     /// Copy files between a running container and the host (tar archives with `-`).
     Cp(CpArgs),
+    /// Serve hull to docker's clients.
+    #[command(subcommand)]
+    System(SystemCommand),
+}
+
+/// `hull system ...`.
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Serve the Docker Engine API (for the docker CLI, compose and SDKs).
+    Service(ServiceArgs),
+}
+
+/// `hull system service`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// The UNIX socket (default: docker.sock in hull's store root).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Also listen on TCP, unauthenticated: tcp://IP:PORT (keep it on loopback).
+    #[arg(long, value_name = "tcp://IP:PORT")]
+    pub listen: Option<String>,
 }
 
 /// `hull volume ...`.
@@ -217,6 +238,9 @@ pub struct RunArgs {
     /// Name the container.
     #[arg(long)]
     pub name: Option<String>,
+    /// Set a label on the container (KEY=VALUE, or KEY for an empty value).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
     /// The container's hostname (default: the short container id).
     #[arg(long)]
     pub hostname: Option<String>,

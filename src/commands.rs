@@ -48,6 +48,10 @@ pub fn dispatch(command: Command, debug: bool) -> Result<ExitCode> {
         Command::Boot(args) => boot(args),
         Command::Kernel(KernelCommand::Build(args)) => kernel_build(&args),
         Command::Volume(cmd) => volume(cmd),
+        Command::System(crate::cli::SystemCommand::Service(args)) => {
+            crate::api::serve(&args, debug)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cp(args) => {
             crate::cp::cp(&args.source, &args.destination, args.archive)?;
             Ok(ExitCode::SUCCESS)
@@ -261,7 +265,7 @@ fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
 }
 
 /// How long since `secs`, docker style ("5 seconds", "3 minutes").
-fn since(secs: u64) -> String {
+pub(crate) fn since(secs: u64) -> String {
     let d = crate::container::now().saturating_sub(secs);
     match d {
         0..=59 => format!("{d} seconds"),

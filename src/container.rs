@@ -101,6 +101,9 @@ pub struct ContainerConfig {
     /// Its volumes, bind mounts and tmpfs mounts (in mounting order).
     #[serde(default)]
     pub mounts: Vec<crate::volume::HostMount>,
+    /// Its labels (`--label`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a container stands.
@@ -478,6 +481,7 @@ mod tests {
             log: crate::logfile::LogOptions::default(),
             network: None,
             mounts: Vec::new(),
+            labels: std::collections::BTreeMap::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! The CLI turns user intent into a VM configuration and hands it to the VMM;
 //! it knows nothing of KVM itself.
 
+mod api;
 mod cli;
 mod client;
 mod commands;

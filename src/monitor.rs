@@ -56,6 +56,10 @@ pub enum Request {
         /// The container path.
         path: String,
     },
+    /// Only the main process's end: the client gets its `Exited` or
+    /// `Failed` frame (the Engine API's `wait`), and does not count as
+    /// attached.
+    Wait,
 }
 
 /// While a client has this much queued, the guest is not read: a slow
@@ -85,9 +89,13 @@ pub fn socket_path(store_root: &Path, id: &str) -> PathBuf {
 #[derive(Debug, PartialEq, Eq)]
 enum Role {
     New,
-    Attached { stdin: bool },
+    Attached {
+        stdin: bool,
+    },
     Exec(u32),
     Waiting,
+    /// Gets only the main process's end.
+    Watching,
 }
 
 struct Client {
@@ -211,8 +219,9 @@ impl Monitor {
     }
 
     fn broadcast_main(&mut self, frame: &Frame) {
+        let end = matches!(frame, Frame::Exited(_) | Frame::Failed { .. });
         for c in &mut self.clients {
-            if matches!(c.role, Role::Attached { .. }) {
+            if matches!(c.role, Role::Attached { .. }) || (end && c.role == Role::Watching) {
                 c.send(frame);
             }
         }
@@ -277,7 +286,7 @@ impl Monitor {
                 Role::New => None,
                 Role::Attached { stdin } => Some((true, stdin, 0)),
                 Role::Exec(id) => Some((false, true, id)),
-                Role::Waiting => return,
+                Role::Waiting | Role::Watching => return,
             },
             None => return,
         };
@@ -319,8 +328,11 @@ impl Monitor {
             return;
         };
         match request {
-            Request::Attach { stdin } => {
-                client.role = Role::Attached { stdin };
+            Request::Attach { .. } | Request::Wait => {
+                client.role = match request {
+                    Request::Attach { stdin } => Role::Attached { stdin },
+                    _ => Role::Watching,
+                };
                 if let Some(outcome) = self.outcome.clone() {
                     // Attached after the end: say how it ended.
                     client.send(&match outcome {

@@ -120,7 +120,8 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn name(self) -> &'static str {
+    /// `tcp` or `udp`.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",

@@ -227,17 +227,21 @@ pub(crate) fn new_id() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
+/// Whether `reference` is the built-in default image: `busybox` works with
+/// no registry at all (made from the host's /bin/busybox).
+pub(crate) fn is_builtin_image(reference: &str) -> bool {
+    matches!(
+        reference,
+        "busybox" | "busybox:latest" | "localhost/busybox" | "localhost/busybox:latest"
+    ) && Path::new("/bin/busybox").is_file()
+}
+
 /// Finds `reference` locally, or pulls it (docker run does).
 fn resolve_image(store: &Store, reference: &str, insecure: bool) -> Result<Image> {
     if let Some(image) = store.find(reference)? {
         return Ok(image);
     }
-    // The built-in default image: `busybox` works with no registry at all.
-    if matches!(
-        reference,
-        "busybox" | "busybox:latest" | "localhost/busybox" | "localhost/busybox:latest"
-    ) && Path::new("/bin/busybox").is_file()
-    {
+    if is_builtin_image(reference) {
         return Ok(store.create_default_image()?);
     }
     eprintln!("Unable to find image '{reference}' locally");
@@ -374,6 +378,14 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
         log,
         network: Some(net.config),
         mounts,
+        labels: args
+            .label
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (l.clone(), String::new()),
+            })
+            .collect(),
     })?)
 }
 
@@ -389,6 +401,23 @@ pub fn start_monitor(
     wait_attach: bool,
     debug: bool,
 ) -> Result<()> {
+    let child = spawn_monitor(store, container, wait_attach, debug)?;
+    // Reaped by init once we exit; nothing to wait for here.
+    std::mem::forget(child);
+    Ok(())
+}
+
+/// [`start_monitor`], returning the monitor process for a long-lived
+/// caller (`hull system service`) to reap.
+///
+/// # Errors
+/// The monitor could not be started or died before it was ready.
+pub fn spawn_monitor(
+    store: &Store,
+    container: &Container,
+    wait_attach: bool,
+    debug: bool,
+) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -428,9 +457,7 @@ pub fn start_monitor(
                 .state()
                 .is_ok_and(|st| st.status == container::Status::Running)
         {
-            // Reaped by init once we exit; nothing to wait for here.
-            std::mem::forget(child);
-            return Ok(());
+            return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
             let state = container.state()?;

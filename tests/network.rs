@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{hull_bin, EmulatedHost};
+use common::{hull_bin, EmulatedHost, ENTER_NEW_ROOT, NEW_ROOT};
 
 const PRELUDE: &str =
     "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
@@ -24,23 +24,6 @@ fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.trim().strip_prefix(key))
         .map(str::trim)
 }
-
-/// Runs the rest of the script (`/newroot/inner.sh`) with a tmpfs as the
-/// root of its own mount namespace: passt sandboxes itself with
-/// `pivot_root` and a user namespace, which the emulated host's initramfs
-/// root (rootfs) refuses. The tmpfs is moved onto `/` as `switch_root`
-/// does, so the process is not "chrooted" in the kernel's eyes.
-pub const NEW_ROOT: &str = r#"
-mkdir /newroot && mount -t tmpfs -o size=1200m none /newroot
-for d in bin sbin usr lib lib64 etc opt var root; do [ -e /$d ] && cp -a /$d /newroot/; done
-mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run
-"#;
-
-/// The command that runs `/newroot/inner.sh` in the new root.
-pub const ENTER_NEW_ROOT: &str = "unshare -m sh -c 'mount --make-rprivate /; \
-mount --rbind /proc /newroot/proc; mount --rbind /sys /newroot/sys; mount --rbind /dev /newroot/dev; \
-mount -t tmpfs none /newroot/tmp; mount -t tmpfs none /newroot/run; \
-cd /newroot && mount --move . / && exec chroot . sh /inner.sh'\n";
 
 /// Shell lines that give the emulated host an interface with an address and
 /// a default route (passt copies its addressing from it) and a resolver on

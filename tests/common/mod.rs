@@ -956,3 +956,20 @@ pub fn install_busybox(rootfs: &Path) {
         }
     }
 }
+
+/// Runs the rest of the script (`/newroot/inner.sh`) with a tmpfs as the
+/// root of its own mount namespace: passt sandboxes itself with
+/// `pivot_root` and a user namespace, which the emulated host's initramfs
+/// root (rootfs) refuses. The tmpfs is moved onto `/` as `switch_root`
+/// does, so the process is not "chrooted" in the kernel's eyes.
+pub const NEW_ROOT: &str = r#"
+mkdir /newroot && mount -t tmpfs -o size=1200m none /newroot
+for d in bin sbin usr lib lib64 etc opt var root; do [ -e /$d ] && cp -a /$d /newroot/; done
+mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run
+"#;
+
+/// The command that runs `/newroot/inner.sh` in the new root.
+pub const ENTER_NEW_ROOT: &str = "unshare -m sh -c 'mount --make-rprivate /; \
+mount --rbind /proc /newroot/proc; mount --rbind /sys /newroot/sys; mount --rbind /dev /newroot/dev; \
+mount -t tmpfs none /newroot/tmp; mount -t tmpfs none /newroot/run; \
+cd /newroot && mount --move . / && exec chroot . sh /inner.sh'\n";

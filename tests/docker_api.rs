@@ -1,0 +1,234 @@
+//! The Docker Engine API (`hull system service`) driven by real clients in
+//! the emulated KVM host: the docker CLI 28 (a static binary, as these
+//! machines and CI have at /usr/local/bin/docker) with `DOCKER_HOST` at
+//! hull's socket runs, publishes, lists, logs, execs, stops, removes,
+//! pulls from a loopback docker-registry and mounts a named volume; a
+//! client killed mid-attach leaves the container running and the server
+//! answering; the server restarts while a container runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{
+    install_busybox, stripped, EmulatedHost, OciImage, Registry, ENTER_NEW_ROOT, NEW_ROOT,
+};
+
+const DOCKER: &str = "/usr/local/bin/docker";
+
+const PRELUDE: &str =
+    "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
+
+/// The emulated host's addressing for passt (as tests/network.rs).
+const HOST_NETWORK: &str = r#"
+ip link set lo up
+ip link set dummy0 up
+ip addr add 192.0.2.10/24 dev dummy0
+ip route add default via 192.0.2.1 dev dummy0
+"#;
+
+/// Starts `hull system service` and waits for its socket.
+const START_SERVICE: &str = r#"
+export DOCKER_HOST=unix:///var/lib/hull/docker.sock
+start_service() {
+	hull system service >>/tmp/api.log 2>&1 &
+	API_PID=$!
+	for i in $(seq 100); do docker version >/dev/null 2>&1 && break; sleep 0.2; done
+}
+start_service
+"#;
+
+fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+}
+
+/// `binary` and its shared libraries as (file here, path there) (`ldd`).
+fn tool_files(binary: &Path) -> Vec<(PathBuf, String)> {
+    assert!(
+        binary.is_file(),
+        "{} is missing: ./dev setup installs it",
+        binary.display()
+    );
+    let mut files = vec![(binary.to_path_buf(), binary.display().to_string())];
+    let out = Command::new("ldd").arg(binary).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            files.push((PathBuf::from(path), path.to_owned()));
+        }
+    }
+    files
+}
+
+/// A registry's storage holding `bbpull:latest` (busybox and /marker),
+/// made here with umoci and skopeo; the emulated host serves a copy of it.
+fn registry_storage(dir: &Path) -> PathBuf {
+    let registry = Registry::start(dir);
+    let image = OciImage::new(&dir.join("img"));
+    image.layer(|root| {
+        install_busybox(root);
+        std::fs::write(root.join("marker"), "pulled-through-the-api\n").unwrap();
+    });
+    image.config(&["--config.cmd", "/bin/sh", "--config.env", "PATH=/bin"]);
+    image.push(&registry, "bbpull");
+    drop(registry);
+    dir.join("data")
+}
+
+#[test]
+fn the_docker_cli_drives_hull() {
+    assert!(
+        Path::new(DOCKER).is_file(),
+        "the docker CLI is missing at {DOCKER} (a static docker CLI 28)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = registry_storage(tmp.path());
+    let mut host = EmulatedHost::new()
+        .with_hull_runtime()
+        .host_env("HULL_NETWORK", "passt")
+        .module("dummy")
+        .timeout(1200)
+        .cpus(2)
+        .mem(3072)
+        .file(stripped(Path::new(DOCKER)), DOCKER)
+        .dir(&storage, "/opt/registry");
+    for tool in ["/usr/bin/passt", "/usr/bin/docker-registry"] {
+        for (src, dest) in tool_files(Path::new(tool)) {
+            host = host.file(src, &dest);
+        }
+    }
+    let inner = format!(
+        "{PRELUDE}{HOST_NETWORK}{START_SERVICE}{}",
+        r#"
+echo "api-version=$(docker version --format '{{.Server.APIVersion}}')"
+ls -l /var/lib/hull/docker.sock | cut -c1-10 | sed 's/^/socket-mode=/'
+# 1. docker run --rm: output and exit codes (through wait).
+echo "run-out=$(docker run --rm busybox echo hi)"
+docker run --rm busybox sh -c 'echo to-stderr >&2; exit 3' 2>/tmp/err3; echo run-exit3=$?
+echo "run-stderr=$(cat /tmp/err3)"
+docker run --rm busybox true; echo run-exit0=$?
+echo "rm-left=$(docker ps -aq | wc -l)"
+# Events, streamed while the rest runs.
+docker events --filter type=container --format '{{.Action}} {{.Actor.Attributes.name}}' >/tmp/events 2>&1 &
+EVENTS=$!
+# 2. docker run -d -p, ps (and hull ps: the same container), exec -i, logs -f, stop, rm -f.
+docker run -d --name web -p 8080:80 busybox sh -c 'mkdir -p /www && echo api-page > /www/index.html && echo web-started && exec httpd -f -p 80 -h /www' >/tmp/web.id; echo run-d=$?
+for i in $(seq 90); do timeout 5 wget -q -O /tmp/page http://127.0.0.1:8080/ 2>/dev/null && break; sleep 1; done
+echo "page=$(cat /tmp/page 2>/dev/null)"
+docker ps --format '{{.Names}} {{.Ports}} {{.State}}' | grep web | sed 's/^/ps=/'
+echo "hull-ps=$(hull ps | grep -c ' web$')"
+echo "exec=$(echo piped | docker exec -i web sh -c 'cat; echo from-exec' | tr '\n' ' ')"
+docker exec web sh -c 'exit 7'; echo exec-exit=$?
+docker run -d --name talker busybox sh -c 'for i in 1 2 3; do echo line$i; sleep 1; done; echo err-line >&2' >/dev/null
+timeout 60 docker logs -f talker >/tmp/logs.out 2>/tmp/logs.err; echo logs-f=$?
+echo "logs=$(tr '\n' ' ' </tmp/logs.out)"
+echo "logs-err=$(cat /tmp/logs.err)"
+echo "logs-tail=$(docker logs --tail 1 talker 2>&1)"
+docker stop -t 2 web >/dev/null; echo stop=$?
+echo "stopped=$(docker ps -a --filter name=web --format '{{.State}}')"
+docker rm -f web talker >/dev/null; echo rm=$?
+echo "left=$(docker ps -aq | wc -l)"
+# 3. docker pull from a loopback registry, docker images, a pulled image runs.
+printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: /opt/registry\nhttp:\n  addr: 127.0.0.1:5000\n' >/tmp/reg.yml
+docker-registry serve /tmp/reg.yml >/tmp/reg.log 2>&1 &
+for i in $(seq 50); do wget -q -O /dev/null http://127.0.0.1:5000/v2/ 2>/dev/null && break; sleep 0.2; done
+docker pull 127.0.0.1:5000/bbpull:latest >/tmp/pull.out 2>&1; echo pull=$?
+docker images --format '{{.Repository}}:{{.Tag}}' | grep bbpull | sed 's/^/image=/'
+echo "pulled-run=$(docker run --rm 127.0.0.1:5000/bbpull cat /marker)"
+docker pull 127.0.0.1:5000/nosuch:latest >/dev/null 2>&1; echo pull-missing=$?
+# 4. A named volume.
+docker volume create data >/dev/null; echo volume-create=$?
+docker run --rm -v data:/data busybox sh -c 'echo persisted > /data/f'
+echo "volume=$(docker run --rm -v data:/data busybox cat /data/f)"
+echo "volume-ls=$(docker volume ls -q | grep -c '^data$')"
+# 5. A client killed mid-attach: the container runs on, the server answers.
+docker run --name chatty busybox sh -c 'while true; do echo tick; sleep 0.2; done' >/tmp/chatty.out 2>&1 &
+CLIENT=$!
+for i in $(seq 120); do grep -q tick /tmp/chatty.out 2>/dev/null && break; sleep 0.5; done
+kill -9 $CLIENT
+sleep 2
+echo "after-kill=$(docker inspect -f '{{.State.Running}}' chatty)"
+echo "attached-ticks=$(grep -c tick /tmp/chatty.out)"
+docker version >/dev/null 2>&1; echo healthy=$?
+# 6. The server restarts while the container runs: nothing is lost.
+kill $API_PID; wait $API_PID 2>/dev/null
+start_service
+echo "after-restart=$(docker ps --format '{{.Names}}' | grep -c chatty)"
+docker rm -f chatty >/dev/null; echo rm-chatty=$?
+sleep 1
+kill $EVENTS
+echo "events=$(grep -E '^(start|die|destroy) (web|talker)$' /tmp/events | sort -u | tr '\n' ',')"
+# Unknown endpoints: docker's JSON error, at once.
+echo "unknown=$(docker system df 2>&1 | head -1)"
+echo "--- api log"; cat /tmp/api.log; echo "--- pull"; cat /tmp/pull.out
+"#
+    );
+    let script = format!(
+        "{PRELUDE}{NEW_ROOT}cat > /newroot/inner.sh <<'HULL_INNER_EOF'\n{inner}\nHULL_INNER_EOF\n{ENTER_NEW_ROOT}"
+    );
+    let run = host.run(&script);
+    println!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    let out = &run.stdout;
+    let expect = |key: &str, want: &str| {
+        assert_eq!(value(out, key), Some(want), "{key}\n{out}");
+    };
+    expect("api-version=", "1.43");
+    expect("socket-mode=", "srw-rw----");
+    expect("run-out=", "hi");
+    expect("run-exit3=", "3");
+    expect("run-stderr=", "to-stderr");
+    expect("run-exit0=", "0");
+    expect("rm-left=", "0");
+    expect("run-d=", "0");
+    expect("page=", "api-page");
+    expect("ps=", "web 0.0.0.0:8080->80/tcp running");
+    expect("hull-ps=", "1");
+    expect("exec=", "piped from-exec");
+    expect("exec-exit=", "7");
+    expect("logs-f=", "0");
+    expect("logs=", "line1 line2 line3");
+    expect("logs-err=", "err-line");
+    expect("logs-tail=", "err-line");
+    expect("stop=", "0");
+    expect("stopped=", "exited");
+    expect("rm=", "0");
+    expect("left=", "0");
+    expect("pull=", "0");
+    expect("image=", "127.0.0.1:5000/bbpull:latest");
+    expect("pulled-run=", "pulled-through-the-api");
+    assert!(
+        value(out, "pull-missing=").is_some_and(|c| c != "0"),
+        "{out}"
+    );
+    expect("volume-create=", "0");
+    expect("volume=", "persisted");
+    expect("volume-ls=", "1");
+    expect("after-kill=", "true");
+    assert!(
+        value(out, "attached-ticks=").is_some_and(|n| n.parse::<u32>().unwrap_or(0) > 0),
+        "{out}"
+    );
+    expect("healthy=", "0");
+    expect("after-restart=", "1");
+    expect("rm-chatty=", "0");
+    expect(
+        "events=",
+        "destroy talker,destroy web,die talker,die web,start talker,start web,",
+    );
+    assert!(
+        value(out, "unknown=").is_some_and(|l| l.contains("not implemented by hull")),
+        "{out}"
+    );
+}
