@@ -99,7 +99,13 @@ fn the_docker_cli_drives_hull() {
         .cpus(2)
         .mem(3072)
         .file(stripped(Path::new(DOCKER)), DOCKER)
-        .dir(&storage, "/opt/registry");
+        .dir(&storage, "/opt/registry")
+        // hull's registry client (rustls) wants the host's CA bundle, even
+        // for a plain-HTTP registry on loopback.
+        .file(
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/ssl/certs/ca-certificates.crt",
+        );
     for tool in ["/usr/bin/passt", "/usr/bin/docker-registry"] {
         for (src, dest) in tool_files(Path::new(tool)) {
             host = host.file(src, &dest);
@@ -117,7 +123,7 @@ echo "run-stderr=$(cat /tmp/err3)"
 docker run --rm busybox true; echo run-exit0=$?
 echo "rm-left=$(docker ps -aq | wc -l)"
 # Events, streamed while the rest runs.
-docker events --filter type=container --format '{{.Action}} {{.Actor.Attributes.name}}' >/tmp/events 2>&1 &
+docker events --since "$(date +%s)" --filter type=container --format '{{.Action}} {{.Actor.Attributes.name}}' >/tmp/events 2>&1 &
 EVENTS=$!
 # 2. docker run -d -p, ps (and hull ps: the same container), exec -i, logs -f, stop, rm -f.
 docker run -d --name web -p 8080:80 busybox sh -c 'mkdir -p /www && echo api-page > /www/index.html && echo web-started && exec httpd -f -p 80 -h /www' >/tmp/web.id; echo run-d=$?
@@ -231,4 +237,177 @@ echo "--- api log"; cat /tmp/api.log; echo "--- pull"; cat /tmp/pull.out
         value(out, "unknown=").is_some_and(|l| l.contains("not implemented by hull")),
         "{out}"
     );
+}
+
+/// Python 3 with its standard library (less its tests and GUI parts) and
+/// the Python packages `docker-compose` needs (the closure of its Debian
+/// dependencies), staged under `dir/root` as the paths they have here;
+/// returns the interpreter's, the script's and the libraries' files.
+fn stage_compose(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut packages = vec!["docker-compose".to_string()];
+    let mut i = 0;
+    while i < packages.len() {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Depends}", &packages[i]])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} is not installed: ./dev setup installs docker-compose",
+            packages[i]
+        );
+        for alt in String::from_utf8_lossy(&out.stdout).split(',') {
+            let name = alt.split('|').next().unwrap_or_default().trim();
+            let name = name
+                .split([' ', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if name.starts_with("python3-") && !packages.contains(&name) {
+                packages.push(name);
+            }
+        }
+        i += 1;
+    }
+    let mut list = String::new();
+    for p in &packages {
+        let out = Command::new("dpkg").args(["-L", p]).output().unwrap();
+        for f in String::from_utf8_lossy(&out.stdout).lines() {
+            if f.starts_with("/usr/lib/python3/dist-packages/") && Path::new(f).is_file() {
+                list.push_str(f.trim_start_matches('/'));
+                list.push('\n');
+            }
+        }
+    }
+    std::fs::write(dir.join("files"), list).unwrap();
+    let stage = dir.join("root");
+    std::fs::create_dir_all(&stage).unwrap();
+    let tar = |args: &str| {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "tar -C / -cf - {args} | tar -C {} -xf -",
+                stage.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success(), "staging {args} failed");
+    };
+    tar(&format!("-T {}", dir.join("files").display()));
+    let lib = "usr/lib/python3.11";
+    tar(&format!(
+        "--exclude=__pycache__ --exclude={lib}/test --exclude={lib}/idlelib \
+         --exclude={lib}/tkinter --exclude={lib}/turtledemo --exclude={lib}/ensurepip \
+         --exclude={lib}/pydoc_data --exclude={lib}/config-3.11-x86_64-linux-gnu {lib}"
+    ));
+    // The interpreter, the script, and the libraries of the interpreter and
+    // of the extension modules.
+    let mut files = tool_files(Path::new("/usr/bin/python3.11"));
+    files.push((
+        PathBuf::from("/usr/bin/docker-compose"),
+        "/usr/bin/docker-compose".into(),
+    ));
+    let found = Command::new("find")
+        .arg(&stage)
+        .args(["-name", "*.so"])
+        .output()
+        .unwrap();
+    for so in String::from_utf8_lossy(&found.stdout).lines() {
+        for (src, dest) in tool_files(Path::new(so)).into_iter().skip(1) {
+            if !files.iter().any(|(_, d)| *d == dest) {
+                files.push((src, dest));
+            }
+        }
+    }
+    files
+}
+
+/// The compose project: two services, a published port, a named volume.
+const COMPOSE_FILE: &str = r#"version: "3"
+services:
+  web:
+    image: busybox
+    command: sh -c 'cat /data/msg 2>/dev/null || echo from-compose > /data/msg; mkdir -p /www; cp /data/msg /www/index.html; exec httpd -f -p 80 -h /www'
+    ports:
+      - "8081:80"
+    volumes:
+      - content:/data
+  worker:
+    image: busybox
+    command: sleep 600
+    environment:
+      ROLE: worker
+volumes:
+  content:
+"#;
+
+/// Debian's docker-compose 1.29 (Python, speaking the Engine API) on hull's
+/// socket: `up -d` of a two-service project with a published port and a
+/// named volume, a request to the published port, `down -v`. Python runs in
+/// the emulated host (copied in), so nothing needs a network into it.
+#[test]
+fn compose_brings_a_project_up_and_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = stage_compose(tmp.path());
+    let mut host = EmulatedHost::new()
+        .with_hull_runtime()
+        .host_env("HULL_NETWORK", "passt")
+        .module("dummy")
+        .timeout(900)
+        .cpus(2)
+        .mem(3072)
+        .dir(tmp.path().join("root/usr"), "/usr");
+    for (src, dest) in tool_files(Path::new("/usr/bin/passt"))
+        .into_iter()
+        .chain(extra)
+    {
+        host = host.file(src, &dest);
+    }
+    let inner = format!(
+        "{PRELUDE}{HOST_NETWORK}ln -sf python3.11 /usr/bin/python3\n{START_SERVICE}\
+         mkdir -p /tmp/proj && cd /tmp/proj\n\
+         cat > docker-compose.yml <<'COMPOSE_EOF'\n{COMPOSE_FILE}COMPOSE_EOF\n{}",
+        r#"
+docker-compose --version | sed 's/^/compose-version=/'
+docker-compose -p proj up -d >/tmp/up.out 2>&1; echo up=$?
+for i in $(seq 90); do timeout 5 wget -q -O /tmp/page http://127.0.0.1:8081/ 2>/dev/null && break; sleep 1; done
+echo "page=$(cat /tmp/page 2>/dev/null)"
+echo "ps=$(docker-compose -p proj ps --services 2>/dev/null | sort | tr '\n' ' ')"
+echo "running=$(docker ps --filter label=com.docker.compose.project=proj --format '{{.Names}}' | sort | tr '\n' ' ')"
+echo "worker-env=$(docker exec proj_worker_1 sh -c 'echo $ROLE')"
+echo "volume-up=$(docker volume ls -q | grep -c '^proj_content$')"
+docker-compose -p proj down -v >/tmp/down.out 2>&1; echo down=$?
+echo "left=$(docker ps -aq | wc -l)"
+echo "volume-down=$(docker volume ls -q | grep -c '^proj_content$')"
+echo "network-down=$(docker network ls --format '{{.Name}}' | grep -c '^proj_default$')"
+echo "--- up"; cat /tmp/up.out; echo "--- down"; cat /tmp/down.out; echo "--- api log"; cat /tmp/api.log
+"#
+    );
+    let script = format!(
+        "{PRELUDE}{NEW_ROOT}cat > /newroot/inner.sh <<'HULL_INNER_EOF'\n{inner}\nHULL_INNER_EOF\n{ENTER_NEW_ROOT}"
+    );
+    let run = host.run(&script);
+    println!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    let out = &run.stdout;
+    let expect = |key: &str, want: &str| {
+        assert_eq!(value(out, key), Some(want), "{key}\n{out}");
+    };
+    assert!(
+        value(out, "compose-version=").is_some_and(|v| v.contains("1.29")),
+        "{out}"
+    );
+    expect("up=", "0");
+    expect("page=", "from-compose");
+    expect("ps=", "web worker");
+    expect("running=", "proj_web_1 proj_worker_1");
+    expect("worker-env=", "worker");
+    expect("volume-up=", "1");
+    expect("down=", "0");
+    expect("left=", "0");
+    expect("volume-down=", "0");
+    expect("network-down=", "0");
 }

@@ -491,7 +491,7 @@ fn networks(c: &Container, st: &State) -> Value {
 
 pub async fn list(api: Arc<Api>, query: &Query) -> ApiResult {
     let all = query.flag("all");
-    let limit: Option<usize> = query.number("limit")?;
+    let limit: Option<i64> = query.number("limit")?;
     let filters = parse_filters(query.get("filters"))?;
     check_filters(
         &filters,
@@ -511,7 +511,12 @@ pub async fn list(api: Arc<Api>, query: &Query) -> ApiResult {
             .iter()
             .filter(|(_, s)| all || status_filtered || s.status == Status::Running)
             .filter(|(c, s)| matches(c, s, &filters))
-            .take(limit.filter(|&l| l > 0).unwrap_or(usize::MAX))
+            .take(
+                limit
+                    .and_then(|l| usize::try_from(l).ok())
+                    .filter(|&l| l > 0)
+                    .unwrap_or(usize::MAX),
+            )
             .map(|(c, s)| summary(c, s))
             .collect::<Vec<_>>())
     })

@@ -20,6 +20,8 @@ struct Seen {
     name: String,
     image: String,
     exit_code: Option<i32>,
+    /// When it was created, started and ended (seconds since the epoch).
+    times: [Option<u64>; 3],
 }
 
 fn snapshot(api: &Api) -> HashMap<String, Seen> {
@@ -36,6 +38,7 @@ fn snapshot(api: &Api) -> HashMap<String, Seen> {
                     name: c.config.name.clone(),
                     image: c.config.image.clone(),
                     exit_code: st.exit_code,
+                    times: [Some(c.config.created), st.started, st.finished],
                 },
             ))
         })
@@ -43,9 +46,19 @@ fn snapshot(api: &Api) -> HashMap<String, Seen> {
 }
 
 fn event(action: &str, id: &str, seen: &Seen) -> Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    event_at(action, id, seen, None)
+}
+
+/// An event at `secs` (now if none).
+fn event_at(action: &str, id: &str, seen: &Seen, secs: Option<u64>) -> Value {
+    let now = secs.map_or_else(
+        || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        },
+        std::time::Duration::from_secs,
+    );
     let mut attributes = json!({ "name": seen.name, "image": seen.image });
     if action == "die" {
         attributes["exitCode"] = json!(seen.exit_code.unwrap_or(0).to_string());
@@ -90,9 +103,32 @@ fn diff(before: &HashMap<String, Seen>, after: &HashMap<String, Seen>) -> Vec<Va
     out
 }
 
-/// Streams events until the client goes (or `until` passes).
+/// The events since `since` that the records still show (create, start,
+/// die), oldest first: what a client asking for past events gets.
+fn replay(now: &HashMap<String, Seen>, since: u64) -> Vec<Value> {
+    let mut past: Vec<(u64, usize, &String, &Seen)> = Vec::new();
+    for (id, seen) in now {
+        for (i, t) in seen.times.iter().enumerate() {
+            if let Some(t) = t.filter(|&t| t >= since) {
+                past.push((t, i, id, seen));
+            }
+        }
+    }
+    past.sort_by_key(|&(t, i, id, _)| (t, i, id.clone()));
+    past.into_iter()
+        .map(|(t, i, id, seen)| event_at(["create", "start", "die"][i], id, seen, Some(t)))
+        .collect()
+}
+
+/// Streams events until the client goes (or `until` passes); with `since`,
+/// the past ones the container records show first.
 pub fn events(api: &Arc<Api>, query: &Query) -> ApiResult {
     let until: Option<u64> = query.number::<f64>("until")?.map(|u| {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let u = u.max(0.0) as u64;
+        u
+    });
+    let since: Option<u64> = query.number::<f64>("since")?.map(|u| {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let u = u.max(0.0) as u64;
         u
@@ -102,13 +138,17 @@ pub fn events(api: &Arc<Api>, query: &Query) -> ApiResult {
     let api = api.clone();
     tokio::task::spawn_blocking(move || {
         let mut before = snapshot(&api);
+        let mut pending = since.map(|s| replay(&before, s)).unwrap_or_default();
         loop {
             if tx.is_closed() || until.is_some_and(|u| crate::container::now() > u) {
                 return;
             }
-            std::thread::sleep(POLL);
+            if pending.is_empty() {
+                std::thread::sleep(POLL);
+            }
             let after = snapshot(&api);
-            for e in diff(&before, &after) {
+            pending.extend(diff(&before, &after));
+            for e in std::mem::take(&mut pending) {
                 let keep = filters.iter().all(|(k, v)| match k.as_str() {
                     "type" => v == "container",
                     "event" | "status" => e["Action"] == v.as_str(),
@@ -140,6 +180,7 @@ mod tests {
             name: "n".into(),
             image: "i".into(),
             exit_code: Some(3),
+            times: [Some(10), Some(20), None],
         }
     }
 
@@ -166,5 +207,14 @@ mod tests {
         assert_eq!(actions(&diff(&running, &empty)), ["die", "destroy"]);
         assert_eq!(actions(&diff(&empty, &exited)), ["create", "start", "die"]);
         assert!(diff(&running, &running).is_empty());
+    }
+
+    #[test]
+    fn past_events_are_replayed_from_the_records() {
+        let now = HashMap::from([("a".to_string(), seen(Status::Running))]);
+        assert_eq!(actions(&replay(&now, 0)), ["create", "start"]);
+        assert_eq!(actions(&replay(&now, 15)), ["start"]);
+        assert_eq!(replay(&now, 15)[0]["time"], 20);
+        assert!(replay(&now, 30).is_empty());
     }
 }

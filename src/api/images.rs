@@ -86,11 +86,19 @@ pub async fn list(api: Arc<Api>, query: &Query) -> ApiResult {
     ok_json(&Value::Array(out))
 }
 
+/// The image `name`; the built-in `busybox` is made on first use, as
+/// `hull run` makes it (compose inspects an image before it creates).
 fn find(api: &Api, name: &str) -> Result<Image, ApiError> {
-    api.store
-        .find(name)
-        .map_err(|e| ApiError::hull(&e))?
-        .ok_or_else(|| ApiError::not_found(format!("No such image: {name}")))
+    if let Some(image) = api.store.find(name).map_err(|e| ApiError::hull(&e))? {
+        return Ok(image);
+    }
+    if crate::run::is_builtin_image(name) {
+        return api
+            .store
+            .create_default_image()
+            .map_err(|e| ApiError::internal(&e));
+    }
+    Err(ApiError::not_found(format!("No such image: {name}")))
 }
 
 pub async fn inspect(api: Arc<Api>, name: &str) -> ApiResult {
@@ -139,6 +147,17 @@ fn pull_reference(from: &str, tag: Option<&str>) -> String {
     }
 }
 
+/// A reference's repository and tag (or digest; `latest` when it has none).
+fn split_tag(reference: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = reference.split_once('@') {
+        return (repo, digest);
+    }
+    match reference.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (reference, "latest"),
+    }
+}
+
 /// `POST /images/create?fromImage=...`: a pull, with docker's progress
 /// stream (JSON lines; an error is the last line, as docker's).
 pub fn create(api: Arc<Api>, query: &Query) -> ApiResult {
@@ -150,12 +169,9 @@ pub fn create(api: Arc<Api>, query: &Query) -> ApiResult {
     let reference = pull_reference(from, query.get("tag"));
     let (response, tx) = streaming("application/json");
     tokio::task::spawn_blocking(move || {
-        let tag = reference
-            .rsplit_once(':')
-            .map(|(_, t)| t)
-            .unwrap_or("latest");
+        let (repo, tag) = split_tag(&reference);
         let _ = tx.blocking_send(json_line(&json!({
-            "status": format!("Pulling from {}", short_name(reference.split([':', '@']).next().unwrap_or(&reference))),
+            "status": format!("Pulling from {}", short_name(repo)),
             "id": tag,
         })));
         let line = match api.store.pull(
@@ -305,6 +321,19 @@ mod tests {
             "127.0.0.1:5000/bb:v1"
         );
         assert_eq!(pull_reference("bb", Some("sha256:abc")), "bb@sha256:abc");
+    }
+
+    #[test]
+    fn tags_split_off_after_a_registry_port() {
+        assert_eq!(
+            split_tag("127.0.0.1:5000/bb:v1"),
+            ("127.0.0.1:5000/bb", "v1")
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/bb"),
+            ("127.0.0.1:5000/bb", "latest")
+        );
+        assert_eq!(split_tag("bb@sha256:ab"), ("bb", "sha256:ab"));
     }
 
     #[test]

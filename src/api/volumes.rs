@@ -17,10 +17,12 @@ fn volume_json(v: &Volume) -> Value {
         "Driver": "local",
         "Mountpoint": v.disk(),
         "CreatedAt": super::rfc3339(v.info.created),
-        "Options": { "size": v.info.size.to_string() },
+        // What compose compares with its driver_opts: hull keeps none of
+        // them but the size, which goes in Status.
+        "Options": null,
         "Labels": {},
         "Scope": "local",
-        "Status": { "Anonymous": v.info.anonymous },
+        "Status": { "Size": v.info.size.to_string(), "Anonymous": v.info.anonymous },
     })
 }
 
