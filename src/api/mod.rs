@@ -359,7 +359,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<ApiBody> {
     let mut response = match route(api, req).await {
         Ok(r) => r,
         Err(e) => {
-            if e.status.is_server_error() {
+            if e.status == StatusCode::INTERNAL_SERVER_ERROR {
                 tracing::warn!("api: {method} {uri_path}: {}", e.message);
             }
             e.response()
