@@ -373,13 +373,15 @@ docker-compose -p proj up -d >/tmp/up.out 2>&1; echo up=$?
 for i in $(seq 90); do timeout 5 wget -q -O /tmp/page http://127.0.0.1:8081/ 2>/dev/null && break; sleep 1; done
 echo "page=$(cat /tmp/page 2>/dev/null)"
 echo "ps=$(docker-compose -p proj ps --services 2>/dev/null | sort | tr '\n' ' ')"
-echo "running=$(docker ps --filter label=com.docker.compose.project=proj --format '{{.Names}}' | sort | tr '\n' ' ')"
-echo "worker-env=$(docker exec proj_worker_1 sh -c 'echo $ROLE')"
-echo "volume-up=$(docker volume ls -q | grep -c '^proj_content$')"
+# hull's CLI sees the project's containers and volume.
+echo "running=$(hull ps | awk 'NR > 1 { print $NF }' | sort | tr '\n' ' ')"
+echo "worker-env=$(docker-compose -p proj exec -T worker sh -c 'echo $ROLE')"
+echo "volume-up=$(hull volume ls -q | grep -c '^proj_content$')"
+echo "network-up=$(ls /var/lib/hull/networks | grep -c '^proj_default.json$')"
 docker-compose -p proj down -v >/tmp/down.out 2>&1; echo down=$?
-echo "left=$(docker ps -aq | wc -l)"
-echo "volume-down=$(docker volume ls -q | grep -c '^proj_content$')"
-echo "network-down=$(docker network ls --format '{{.Name}}' | grep -c '^proj_default$')"
+echo "left=$(hull ps -aq | wc -l)"
+echo "volume-down=$(hull volume ls -q | grep -c '^proj_content$')"
+echo "network-down=$(ls /var/lib/hull/networks | grep -c '^proj_default.json$')"
 echo "--- up"; cat /tmp/up.out; echo "--- down"; cat /tmp/down.out; echo "--- api log"; cat /tmp/api.log
 "#
     );
@@ -406,6 +408,7 @@ echo "--- up"; cat /tmp/up.out; echo "--- down"; cat /tmp/down.out; echo "--- ap
     expect("running=", "proj_web_1 proj_worker_1");
     expect("worker-env=", "worker");
     expect("volume-up=", "1");
+    expect("network-up=", "1");
     expect("down=", "0");
     expect("left=", "0");
     expect("volume-down=", "0");
