@@ -242,8 +242,7 @@ pub async fn prune(api: Arc<Api>) -> ApiResult {
 
 /// `POST /images/load`: the archive is spooled to the store's tmp (bounded)
 /// and loaded as `hull load` does.
-pub async fn load(api: Arc<Api>, query: &Query, mut body: Incoming) -> ApiResult {
-    let quiet = query.flag("quiet");
+pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResult {
     let dir = api.store.root().join("tmp");
     let path = dir.join(format!(
         "api-load-{}",
@@ -291,9 +290,8 @@ pub async fn load(api: Arc<Api>, query: &Query, mut body: Incoming) -> ApiResult
             Some(n) => format!("Loaded image: {}\n", short_name(n)),
             None => format!("Loaded image ID: {}\n", image.id),
         };
-        if !quiet {
-            lines.extend_from_slice(&json_line(&json!({ "stream": text })));
-        }
+        // Quiet or not (it only hides progress), docker says what it loaded.
+        lines.extend_from_slice(&json_line(&json!({ "stream": text })));
     }
     let mut r = hyper::Response::new(super::full(Bytes::from(lines)));
     *r.status_mut() = StatusCode::OK;
