@@ -375,7 +375,7 @@ echo "page=$(cat /tmp/page 2>/dev/null)"
 echo "ps=$(docker-compose -p proj ps --services 2>/dev/null | sort | tr '\n' ' ')"
 # hull's CLI sees the project's containers and volume.
 echo "running=$(hull ps | awk 'NR > 1 { print $NF }' | sort | tr '\n' ' ')"
-echo "worker-env=$(docker-compose -p proj exec -T worker sh -c 'echo $ROLE')"
+echo "worker-env=$(hull exec proj_worker_1 sh -c 'echo $ROLE')"
 echo "volume-up=$(hull volume ls -q | grep -c '^proj_content$')"
 echo "network-up=$(ls /var/lib/hull/networks | grep -c '^proj_default.json$')"
 docker-compose -p proj down -v >/tmp/down.out 2>&1; echo down=$?
