@@ -308,6 +308,8 @@ struct Api {
     pending_attach: Mutex<HashMap<String, usize>>,
     /// Terminal size senders of the live attach sessions, by container id.
     resizers: Mutex<HashMap<String, Vec<Resizer>>>,
+    /// Terminal sizes set while an attach session waited to connect.
+    pending_sizes: Mutex<HashMap<String, (u16, u16)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -653,6 +655,7 @@ pub fn serve(args: &ServiceArgs, debug: bool) -> Result<()> {
         execs: Mutex::new(exec::Execs::default()),
         pending_attach: Mutex::new(HashMap::new()),
         resizers: Mutex::new(HashMap::new()),
+        pending_sizes: Mutex::new(HashMap::new()),
     });
     runtime.block_on(async move {
         let unix = bind_unix(&socket)?;

@@ -267,12 +267,22 @@ pub async fn attach(
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&api.resizers)
-            .entry(c.config.id.clone())
-            .or_default()
-            .push(tx);
+        {
+            // Under the pending lock: a resize finds this session, or a
+            // pending one and stashes its size (see resize_main).
+            let _pending = lock(&api.pending_attach);
+            lock(&api.resizers)
+                .entry(c.config.id.clone())
+                .or_default()
+                .push(tx.clone());
+        }
         // Started: nothing waits on this session any more.
         drop(pending);
+        // The size a client set while this session waited, first.
+        if let Some(size) = lock(&api.pending_sizes).remove(&c.config.id) {
+            let _ = tx.send(size);
+        }
+        drop(tx);
         let request = MonitorRequest::Attach {
             stdin: session.stdin,
         };
@@ -290,16 +300,25 @@ pub async fn attach(
 }
 
 /// A terminal size for the main process: through a live attach session of
-/// this server, else through a short session of its own.
+/// this server; kept for one about to connect (a short session of its own
+/// would count as the attach the start waits for, and output could go
+/// before the real one is there); else through a short session of its own.
 pub fn resize_main(api: &Api, c: &Container, h: u16, w: u16) {
     if h == 0 || w == 0 {
         return;
     }
-    let sent = lock(&api.resizers)
-        .get(&c.config.id)
-        .is_some_and(|list| list.iter().any(|t| t.send((h, w)).is_ok()));
-    if sent {
-        return;
+    {
+        let pending = lock(&api.pending_attach);
+        let sent = lock(&api.resizers)
+            .get(&c.config.id)
+            .is_some_and(|list| list.iter().any(|t| t.send((h, w)).is_ok()));
+        if sent {
+            return;
+        }
+        if pending.get(&c.config.id).is_some_and(|&n| n > 0) {
+            lock(&api.pending_sizes).insert(c.config.id.clone(), (h, w));
+            return;
+        }
     }
     let Ok(mut s) = crate::client::connect(&api.store, c) else {
         return;
