@@ -414,3 +414,170 @@ echo "--- up"; cat /tmp/up.out; echo "--- down"; cat /tmp/down.out; echo "--- ap
     expect("volume-down=", "0");
     expect("network-down=", "0");
 }
+
+/// One HTTP/1.1 request on the UNIX socket `sock`; the status and body.
+fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: hull\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // A body past the server's cap may be cut off: the answer still comes.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// What needs no VM, natively: the socket and its mode, version
+/// negotiation, docker's JSON errors and status codes for unknown
+/// endpoints, missing containers and images, hostile bodies; one server per
+/// socket; bad flags are exit 125.
+#[test]
+fn the_service_answers_with_dockers_shapes_and_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("docker.sock");
+    let mut server = Command::new(common::hull_bin())
+        .env("HULL_ROOT", tmp.path())
+        .args(["system", "service"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the socket never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let (code, body) = http(&sock, "GET", "/_ping", b"");
+    assert_eq!((code, body.as_str()), (200, "OK"));
+    let (code, body) = http(&sock, "GET", "/v1.41/version", b"");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ApiVersion"], "1.43");
+    assert_eq!(v["MinAPIVersion"], "1.24");
+    let (code, body) = http(&sock, "GET", "/v1.99/version", b"");
+    assert_eq!(code, 400, "{body}");
+    for (method, path, body, want, needle) in [
+        ("GET", "/nope", &b""[..], 404, "page not found"),
+        ("POST", "/build", b"", 501, "not implemented by hull"),
+        (
+            "POST",
+            "/containers/abc/pause",
+            b"",
+            501,
+            "not implemented by hull",
+        ),
+        (
+            "GET",
+            "/containers/nosuch/json",
+            b"",
+            404,
+            "No such container: nosuch",
+        ),
+        (
+            "DELETE",
+            "/containers/nosuch",
+            b"",
+            404,
+            "No such container",
+        ),
+        (
+            "GET",
+            "/images/nosuch/json",
+            b"",
+            404,
+            "No such image: nosuch",
+        ),
+        (
+            "POST",
+            "/containers/create",
+            b"{\"Image\": 5}",
+            400,
+            "invalid JSON",
+        ),
+        ("POST", "/containers/create", b"[[[[", 400, "invalid JSON"),
+        (
+            "POST",
+            "/containers/create",
+            b"{\"Image\":\"nosuch\"}",
+            404,
+            "No such image: nosuch",
+        ),
+        (
+            "POST",
+            "/containers/create",
+            b"{\"Image\":\"i\",\"HostConfig\":{\"NetworkMode\":\"host\"}}",
+            400,
+            "not supported",
+        ),
+        (
+            "GET",
+            "/containers/json?filters=%7Bbad",
+            b"",
+            400,
+            "invalid filters",
+        ),
+        ("GET", "/volumes/nosuch", b"", 404, "no such volume"),
+        (
+            "POST",
+            "/exec/nosuch/start",
+            b"{}",
+            404,
+            "No such exec instance",
+        ),
+    ] {
+        let (code, text) = http(&sock, method, path, body);
+        assert_eq!(code, want, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{method} {path}: {message}");
+    }
+    // A body past the cap is refused, and the server goes on.
+    let (code, _) = http(&sock, "POST", "/containers/create", &vec![b' '; 5 << 20]);
+    assert_eq!(code, 400);
+    assert_eq!(http(&sock, "GET", "/_ping", b"").0, 200);
+    // One server per socket; a bad --listen is a usage error.
+    let second = Command::new(common::hull_bin())
+        .env("HULL_ROOT", tmp.path())
+        .args(["system", "service"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already served"));
+    let bad = Command::new(common::hull_bin())
+        .env("HULL_ROOT", tmp.path())
+        .args(["system", "service", "--socket"])
+        .arg(tmp.path().join("other.sock"))
+        .args(["--listen", "bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid --listen"));
+    // SIGTERM: it ends and takes its socket with it.
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(i32::try_from(server.id()).unwrap(), libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    assert!(!sock.exists());
+}
