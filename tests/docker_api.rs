@@ -554,6 +554,69 @@ fn the_service_answers_with_dockers_shapes_and_errors() {
         let message = v["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{method} {path}: {message}");
     }
+    // The docker CLI on what needs no VM: load, list, inspect and remove an
+    // image; create, inspect and remove a volume and a network.
+    let img = OciImage::new(&tmp.path().join("img"));
+    img.layer(|root| std::fs::write(root.join("f"), "x").unwrap());
+    common::run_checked(
+        Command::new("umoci")
+            .args(["gc", "--layout"])
+            .arg(&img.layout),
+    );
+    let archive = tmp.path().join("img.tar");
+    common::run_checked(
+        Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet"])
+            .arg(format!("oci:{}", img.image_ref()))
+            .arg(format!(
+                "docker-archive:{}:loaded/app:v1",
+                archive.display()
+            )),
+    );
+    let docker = |args: &[&str]| {
+        let out = Command::new(DOCKER)
+            .env("DOCKER_HOST", format!("unix://{}", sock.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let archive_arg = archive.display().to_string();
+    assert_eq!(
+        docker(&["load", "-i", &archive_arg]),
+        (0, "Loaded image: loaded/app:v1".into())
+    );
+    assert_eq!(
+        docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"]),
+        (0, "loaded/app:v1".into())
+    );
+    let (code, layers) = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{len .RootFS.Layers}}",
+        "loaded/app:v1",
+    ]);
+    assert_eq!((code, layers.as_str()), (0, "1"));
+    assert_eq!(docker(&["rmi", "loaded/app:v1"]).0, 0);
+    assert_eq!(docker(&["images", "-q"]), (0, String::new()));
+    assert_eq!(docker(&["volume", "create", "vol1"]), (0, "vol1".into()));
+    assert_eq!(
+        docker(&["volume", "inspect", "-f", "{{.Driver}}", "vol1"]),
+        (0, "local".into())
+    );
+    assert_eq!(docker(&["volume", "rm", "vol1"]), (0, "vol1".into()));
+    assert_ne!(docker(&["volume", "inspect", "vol1"]).0, 0);
+    assert_eq!(docker(&["network", "create", "net1"]).0, 0);
+    assert_eq!(
+        docker(&["network", "inspect", "-f", "{{.Driver}}", "net1"]),
+        (0, "bridge".into())
+    );
+    assert_eq!(docker(&["network", "rm", "net1"]), (0, "net1".into()));
+    assert_ne!(docker(&["network", "rm", "bridge"]).0, 0);
     // A body past the cap is refused, and the server goes on.
     let (code, _) = http(&sock, "POST", "/containers/create", &vec![b' '; 5 << 20]);
     assert_eq!(code, 400);
