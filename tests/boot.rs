@@ -177,6 +177,24 @@ fn a_guest_that_powers_off_ends_hull_with_0() {
 }
 
 #[test]
+fn a_panic_line_printed_by_the_guest_decides_nothing() {
+    // hull learns of a panic from the kernel's reset, not from the console.
+    let initrd = guest_initrd(
+        "fakepanic",
+        "echo 'Kernel panic - not syncing: fake'\nsleep 3\nreboot -f",
+    );
+    let run = boot_in_host(&initrd, "");
+    run.assert_stdout_contains("Kernel panic - not syncing: fake");
+    assert_eq!(
+        line_value(&run.stdout, "hull-exit="),
+        Some("0"),
+        "{}",
+        run.stdout
+    );
+    run.assert_stdout_lacks("panicked");
+}
+
+#[test]
 fn a_guest_kernel_panic_is_a_failure_with_a_clear_message() {
     // PID 1 exiting makes the kernel panic ("Attempted to kill init").
     let initrd = guest_initrd("panic", "exit 3");

@@ -32,6 +32,9 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread.
     Stop,
+    /// Say whether this vCPU is halted with interrupts masked (see
+    /// [`VmExit::Halted`]); paused or not, it stays as it was.
+    Probe,
 }
 
 /// What a vCPU thread answers to a command.
@@ -41,6 +44,8 @@ pub(crate) enum VcpuAnswer {
     Paused(u8),
     /// vCPU `.0` runs the guest again.
     Resumed(u8),
+    /// Whether vCPU `.0` is halted with interrupts masked.
+    Probed(u8, bool),
 }
 
 /// Errors controlling a VM.
@@ -52,7 +57,7 @@ pub enum ControlError {
     /// A vCPU did not answer in time.
     #[error("{missing} of {count} vCPUs did not {what} within {ANSWER_TIMEOUT:?}")]
     Timeout {
-        /// `pause` or `resume`.
+        /// What it was asked (`pause`, `resume`...).
         what: &'static str,
         /// How many did not answer.
         missing: usize,
@@ -176,6 +181,38 @@ impl VmmHandle {
             }
         }
         Ok(())
+    }
+
+    /// Whether every vCPU is halted with interrupts masked right now (each
+    /// is kicked out of `KVM_RUN` to look, and goes back in).
+    ///
+    /// # Errors
+    /// The VM is not running, or a vCPU did not answer in time.
+    pub(crate) fn all_halted(&self) -> Result<bool, ControlError> {
+        let answers = lock(&self.controls.answers);
+        while answers.try_recv().is_ok() {}
+        let count = self.broadcast(VcpuCommand::Probe)?;
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let (mut got, mut all) = (0, true);
+        while got < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match answers.recv_timeout(left) {
+                Ok(VcpuAnswer::Probed(_, halted)) => {
+                    got += 1;
+                    all &= halted;
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(ControlError::Timeout {
+                        what: "say whether it halted",
+                        missing: count - got,
+                        count,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(ControlError::NotRunning),
+            }
+        }
+        Ok(all)
     }
 
     /// Brings every vCPU out of the guest and keeps it out; returns once all

@@ -14,8 +14,13 @@ pub enum VmExit {
     /// The guest rang the power-off doorbell (hull's init does, once all is
     /// synced), or KVM reported a shutdown.
     PowerOff,
-    /// The guest kernel panicked; the console line it printed.
-    Panic(String),
+    /// Every vCPU halted with interrupts masked (a guest without ACPI that
+    /// powers off or halts ends so): nothing but an NMI or INIT, which no
+    /// device of hull's sends, could wake them.
+    Halted,
+    /// The guest kernel panicked (it said so when it reset: see
+    /// [`crate::power`]); the last panic line of its console, if any.
+    Panic(Option<String>),
     /// A vCPU hit a triple fault (or the guest asked for a shutdown that KVM
     /// reports the same way).
     TripleFault,
@@ -27,7 +32,7 @@ impl VmExit {
     /// True for the endings a guest chooses on purpose.
     #[must_use]
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::Reset | Self::PowerOff)
+        matches!(self, Self::Reset | Self::PowerOff | Self::Halted)
     }
 }
 
@@ -36,7 +41,9 @@ impl std::fmt::Display for VmExit {
         match self {
             Self::Reset => write!(f, "the guest rebooted"),
             Self::PowerOff => write!(f, "the guest powered off"),
-            Self::Panic(line) => write!(f, "the guest kernel panicked: {line}"),
+            Self::Halted => write!(f, "the guest halted"),
+            Self::Panic(Some(line)) => write!(f, "the guest kernel panicked: {line}"),
+            Self::Panic(None) => write!(f, "the guest kernel panicked"),
             Self::TripleFault => write!(
                 f,
                 "a guest vCPU triple-faulted (the kernel crashed before it could report why; \
@@ -86,15 +93,23 @@ impl ExitSignal {
         let _ = self.wake.write(1);
     }
 
-    /// Blocks until an exit was recorded.
-    pub(crate) fn wait(&self) {
+    /// Blocks until an exit was recorded or `timeout` passed; returns
+    /// whether one was recorded.
+    pub(crate) fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
         let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
         while !self.stopping() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             slot = self
                 .stopped
-                .wait(slot)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(slot, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+        true
     }
 
     /// The recorded reason.
@@ -158,7 +173,7 @@ mod tests {
         assert_eq!(s.reason(), Some(VmExit::Reset));
         assert!(s.stopping());
         assert!(s.wake().read().unwrap() >= 1);
-        s.wait();
+        assert!(s.wait_timeout(std::time::Duration::ZERO));
     }
 
     #[test]
@@ -166,11 +181,21 @@ mod tests {
         let s = ExitSignal::new().unwrap();
         let waiter = {
             let s = s.clone();
-            std::thread::spawn(move || s.wait())
+            std::thread::spawn(move || s.wait_timeout(std::time::Duration::from_secs(60)))
         };
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!waiter.is_finished());
         s.exit(VmExit::PowerOff);
-        waiter.join().unwrap();
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn wait_timeout_says_whether_the_vm_stopped() {
+        let s = ExitSignal::new().unwrap();
+        let t = std::time::Instant::now();
+        assert!(!s.wait_timeout(std::time::Duration::from_millis(30)));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+        s.exit(VmExit::Halted);
+        assert!(s.wait_timeout(std::time::Duration::from_secs(5)));
     }
 }

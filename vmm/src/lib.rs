@@ -13,6 +13,7 @@ pub mod exit;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod power;
 pub mod vcpu;
 mod vm;
 

@@ -195,7 +195,7 @@ pub fn configure(
 
 /// Reads this vCPU's pending commands (waiting for one while paused);
 /// returns false once the thread must end.
-fn obey(index: u8, channel: &VcpuChannel, paused: &mut bool) -> bool {
+fn obey(index: u8, vcpu: &VcpuFd, channel: &VcpuChannel, paused: &mut bool) -> bool {
     loop {
         let command = if *paused {
             channel.commands.recv().unwrap_or(VcpuCommand::Stop)
@@ -217,7 +217,29 @@ fn obey(index: u8, channel: &VcpuChannel, paused: &mut bool) -> bool {
                 let _ = channel.answers.send(VcpuAnswer::Resumed(index));
             }
             VcpuCommand::Stop => return false,
+            VcpuCommand::Probe => {
+                let _ = channel
+                    .answers
+                    .send(VcpuAnswer::Probed(index, halted_for_good(vcpu)));
+            }
         }
+    }
+}
+
+/// Whether `vcpu` (out of `KVM_RUN`) stopped for good unless another CPU
+/// wakes it: halted with interrupts masked, or a secondary CPU still waiting
+/// for its INIT/start-up IPI (the guest never brought it up).
+fn halted_for_good(vcpu: &VcpuFd) -> bool {
+    /// RFLAGS.IF.
+    const INTERRUPTS_ENABLED: u64 = 1 << 9;
+    match vcpu.get_mp_state().map(|s| s.mp_state) {
+        Ok(kvm_bindings::KVM_MP_STATE_HALTED) => vcpu
+            .get_regs()
+            .is_ok_and(|r| r.rflags & INTERRUPTS_ENABLED == 0),
+        Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => {
+            true
+        }
+        _ => false,
     }
 }
 
@@ -239,7 +261,7 @@ pub(crate) fn run_loop(
     // dropped, and the kick handler forgets the pointer, first.
     let _area = unsafe { RunArea::enter(run) };
     let mut paused = false;
-    while obey(index, channel, &mut paused) && !exit.stopping() {
+    while obey(index, &vcpu, channel, &mut paused) && !exit.stopping() {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 // Nothing decodes an unclaimed port on a PC bus: it reads as all ones.

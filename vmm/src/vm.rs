@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::legacy::{
-    ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN,
-    COM1_PORT, I8042, I8042_LEN, I8042_PORT,
+    ConsoleOutput, ConsoleWatch, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT, I8042,
+    I8042_LEN, I8042_PORT,
 };
 use devices::pseudo::{PowerPort, POWER_LEN, POWER_PORT};
 use devices::virtio::MmioTransport;
@@ -32,11 +32,11 @@ use crate::exit::{ExitSignal, PowerOffLine, VmExit};
 use crate::kvm::{self, GuestNeeds, KvmError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{self, MemoryError};
+use crate::power;
 use crate::vcpu::{self, VcpuError};
 
-/// How long a panicking guest may keep printing (its backtrace) before the
-/// VMM stops it.
-const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// How often the vCPUs are looked at for a guest that halted for good.
+const HALT_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long the VMM waits for vCPU threads to leave KVM_RUN at the end.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -221,6 +221,7 @@ impl Vmm {
             .with_shares(&config.shares)?;
         let pending = pending.with_net(config.net)?;
         let mut boot_source = config.boot.clone();
+        boot_source.cmdline = power::cmdline(&boot_source.cmdline);
         let devices_cmdline = pending.cmdline();
         if !devices_cmdline.is_empty() {
             boot_source.cmdline = format!("{} {devices_cmdline}", boot_source.cmdline);
@@ -258,7 +259,7 @@ impl Vmm {
             Some(signal) => signal,
             None => ExitSignal::new().map_err(host_err("the exit event"))?,
         };
-        let watch = ConsoleWatch::new().map_err(host_err("the console watch"))?;
+        let watch = ConsoleWatch::new();
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial IRQ"))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(vm_err("KVM_IRQFD (serial)"))?;
@@ -296,11 +297,8 @@ impl Vmm {
                 source: std::io::Error::other(e.to_string()),
             })?;
         events.add_subscriber(Box::new(Lifecycle {
-            fds: vec![
-                std::os::fd::AsRawFd::as_raw_fd(exit.wake()),
-                std::os::fd::AsRawFd::as_raw_fd(watch.wake()),
-            ],
-            drain: vec![exit_wake(&exit), watch_wake(&watch)],
+            fds: vec![std::os::fd::AsRawFd::as_raw_fd(exit.wake())],
+            drain: vec![exit_wake(&exit)],
         }));
         if let Some(fd) = config.console_in {
             events.add_subscriber(Box::new(SerialInput::new(serial, fd, input_drained)));
@@ -393,7 +391,9 @@ impl Vmm {
         let result = match outcome {
             Ok(()) => {
                 tracing::debug!("vm: vCPUs running after {:?}", started.elapsed());
-                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &watch, &handle);
+                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &handle);
+                // The vCPUs are stopped: what the guest left in memory is final.
+                let ended = power::classify(ended, &mem, watch.panic_line());
                 tracing::debug!("vm: stopped after {:?}: {ended:?}", started.elapsed());
                 if !all_stopped {
                     leak_guest_memory(&mem);
@@ -435,10 +435,6 @@ fn exit_wake(exit: &ExitSignal) -> Arc<EventFd> {
     Arc::new(exit.wake().try_clone().unwrap_or_else(|_| dummy_event()))
 }
 
-fn watch_wake(watch: &ConsoleWatch) -> Arc<EventFd> {
-    Arc::new(watch.wake().try_clone().unwrap_or_else(|_| dummy_event()))
-}
-
 fn dummy_event() -> EventFd {
     // Only reached if dup() fails; draining then simply does nothing useful
     // and the loop still checks the shared state after every wake.
@@ -453,11 +449,10 @@ fn dummy_event() -> EventFd {
 fn run_until_exit(
     events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
     exit: &ExitSignal,
-    watch: &ConsoleWatch,
     handle: &VmmHandle,
 ) -> (VmExit, bool) {
     let stopper = VcpuStopper::start(handle, exit);
-    let outcome = event_loop(events, exit, watch);
+    let outcome = event_loop(events, exit);
     let all_stopped = stopper.finish();
     (outcome, all_stopped)
 }
@@ -477,7 +472,7 @@ impl VcpuStopper {
         let spawned = std::thread::Builder::new()
             .name("vcpu-stop".into())
             .spawn(move || {
-                exit.wait();
+                watch_for_halt(&stopper_handle, &exit);
                 stop_vcpus(stopper_handle.take_threads())
             });
         match spawned {
@@ -504,38 +499,36 @@ impl VcpuStopper {
     }
 }
 
+/// Until the VM's exit is recorded, looks at the vCPUs every
+/// [`HALT_PROBE_EVERY`]: two looks in a row that find every vCPU halted with
+/// interrupts masked (or never started) end the VM as [`VmExit::Halted`]. That is how a guest
+/// without ACPI powers off or halts (its kernel's last line says so, but
+/// anything in the guest can print that line); two looks, so that vCPUs
+/// that each halt briefly with interrupts masked (a paravirtual spinlock
+/// wait) are not taken for a stopped machine.
+fn watch_for_halt(handle: &VmmHandle, exit: &ExitSignal) {
+    let mut halted_before = false;
+    while !exit.wait_timeout(HALT_PROBE_EVERY) {
+        let halted = handle.all_halted().unwrap_or(false);
+        if halted && halted_before {
+            exit.exit(VmExit::Halted);
+        }
+        halted_before = halted;
+    }
+}
+
 /// Runs device I/O until the VM stops; returns how it ended.
 fn event_loop(
     events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
     exit: &ExitSignal,
-    watch: &ConsoleWatch,
 ) -> VmExit {
-    let mut panic_deadline: Option<Instant> = None;
     loop {
-        let timeout_ms = panic_deadline.map_or(-1, |d| {
-            i32::try_from(d.saturating_duration_since(Instant::now()).as_millis())
-                .unwrap_or(i32::MAX)
-        });
-        if let Err(e) = events.run_with_timeout(timeout_ms) {
+        if let Err(e) = events.run() {
             exit.exit(VmExit::Error(format!("event loop failed: {e}")));
-        }
-        match watch.event() {
-            Some(GuestConsoleEvent::PowerOff) => exit.exit(VmExit::PowerOff),
-            Some(GuestConsoleEvent::Panic(line)) => match panic_deadline {
-                None => panic_deadline = Some(Instant::now() + PANIC_GRACE),
-                Some(d) if Instant::now() >= d => exit.exit(VmExit::Panic(line)),
-                Some(_) => {}
-            },
-            None => {}
         }
         if exit.stopping() {
             break;
         }
-    }
-    // A panicking kernel reboots (panic=N) or faults on its way down: the
-    // panic is what the user needs to hear about.
-    if let Some(GuestConsoleEvent::Panic(line)) = watch.event() {
-        return VmExit::Panic(line);
     }
     exit.reason()
         .unwrap_or_else(|| VmExit::Error("the VM stopped for no recorded reason".into()))
@@ -615,7 +608,6 @@ mod tests {
     fn vcpus_stop_at_once_while_a_device_keeps_the_event_loop_busy() {
         register_signal_handler(SIGRTMIN(), control::kick_handler).unwrap();
         let exit = ExitSignal::new().unwrap();
-        let watch = ConsoleWatch::new().unwrap();
         let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
             EventManager::new().unwrap();
         events.add_subscriber(Box::new(Lifecycle {
@@ -639,7 +631,7 @@ mod tests {
                 at
             })
         };
-        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &watch, &handle);
+        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &handle);
         assert!(all_stopped);
         let returned = Instant::now();
         let asked = asker.join().unwrap();

@@ -135,25 +135,113 @@ fn secondary_vcpus_waiting_for_sipi_are_stopped_too() {
 }
 
 #[test]
-fn a_kernel_panic_line_is_reported_as_a_panic() {
+fn a_panic_line_on_the_console_decides_nothing() {
+    let code = [
+        print(b"Kernel panic - not syncing: fake\n"),
+        RESET.to_vec(),
+        SPIN.to_vec(),
+    ]
+    .concat();
+    let (exit, out) = run_guest("fakepanic", &code, 1);
+    assert_eq!(out, "Kernel panic - not syncing: fake\n");
+    assert_eq!(exit, VmExit::Reset);
+    assert!(exit.is_clean());
+}
+
+/// `mov word [0x472], 0x1234`: what Linux does before a warm reboot, which
+/// `reboot=panic_warm` makes it do only after a panic.
+const WARM_BOOT_MARK: &[u8] = &[0x66, 0xc7, 0x04, 0x25, 0x72, 0x04, 0, 0, 0x34, 0x12];
+
+#[test]
+fn a_reset_after_the_kernels_panic_mark_is_a_panic() {
     let code = [
         print(b"Kernel panic - not syncing: tiny test\n"),
+        WARM_BOOT_MARK.to_vec(),
+        RESET.to_vec(),
         SPIN.to_vec(),
     ]
     .concat();
     let (exit, _) = run_guest("panic", &code, 1);
     assert_eq!(
         exit,
-        VmExit::Panic("Kernel panic - not syncing: tiny test".into())
+        VmExit::Panic(Some("Kernel panic - not syncing: tiny test".into()))
     );
     assert!(!exit.is_clean());
+    let (exit, _) = run_guest("panic-silent", &[WARM_BOOT_MARK, RESET].concat(), 1);
+    assert_eq!(exit, VmExit::Panic(None));
+    assert_eq!(exit.to_string(), "the guest kernel panicked");
+}
+
+/// `mov dx, 0x4f0; mov al, v; out dx, al`: hull's power-off doorbell.
+fn ring_power_port(value: u8) -> Vec<u8> {
+    assert_eq!(devices::pseudo::POWER_PORT, 0x4f0);
+    vec![0x66, 0xba, 0xf0, 0x04, 0xb0, value, 0xee]
 }
 
 #[test]
-fn power_off_line_ends_the_vm_cleanly() {
-    let code = [print(b"reboot: Power down\n"), SPIN.to_vec()].concat();
-    let (exit, _) = run_guest("poweroff", &code, 1);
+fn the_power_off_doorbell_ends_the_vm_cleanly_at_once() {
+    let code = [
+        ring_power_port(0x02),
+        ring_power_port(devices::pseudo::POWER_OFF),
+        print(b"after\n"),
+        RESET.to_vec(),
+    ]
+    .concat();
+    let (exit, out) = run_guest("doorbell", &code, 1);
     assert_eq!(exit, VmExit::PowerOff);
+    assert!(exit.is_clean());
+    assert_eq!(out, "", "the guest ran on after ringing the doorbell");
+}
+
+#[test]
+fn a_power_off_line_on_the_console_decides_nothing_but_a_halt_ends_the_vm() {
+    // `cli; hlt`: how a kernel without ACPI powers off or halts.
+    let code = [
+        print(b"reboot: Power down\nreboot: System halted\n"),
+        vec![0xfa, 0xf4],
+        RESET.to_vec(),
+    ]
+    .concat();
+    let (exit, _) = run_guest("halt", &code, 2);
+    assert_eq!(exit, VmExit::Halted);
+    assert!(exit.is_clean());
+}
+
+#[test]
+fn an_idle_guest_is_not_taken_for_a_halted_one() {
+    // `sti; hlt`, again and again: idle, waiting for an interrupt.
+    let kernel = kernel_file("idle", &[0xfb, 0xf4, 0xeb, 0xfc]);
+    let signal = vmm::ExitSignal::new().unwrap();
+    let stopper = {
+        let signal = signal.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(4));
+            signal.exit(VmExit::Error("stopped by the host".into()));
+        })
+    };
+    let config = VmConfig {
+        boot: BootSource {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: "x".into(),
+        },
+        memory_mib: 32,
+        cpus: 1,
+        kvm_path: "/dev/kvm".into(),
+        guest_needs: GuestNeeds::AnyKvm,
+        console_out: Box::new(std::io::sink()),
+        console_in: None,
+        disks: Vec::new(),
+        shares: Vec::new(),
+        control: None,
+        entropy: false,
+        net: None,
+        exit_signal: Some(signal),
+    };
+    let exit = vmm::run(config).expect("the VM should start");
+    stopper.join().unwrap();
+    std::fs::remove_file(kernel).unwrap();
+    assert_eq!(exit, VmExit::Error("stopped by the host".into()));
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod i8042;
 mod serial;
 
 pub use i8042::I8042;
-pub use serial::{ConsoleOutput, ConsoleWatch, GuestConsoleEvent, SerialConsole, SerialInput};
+pub use serial::{ConsoleOutput, ConsoleWatch, SerialConsole, SerialInput};
 
 /// Port of the first UART (COM1, ttyS0).
 pub const COM1_PORT: u64 = 0x3f8;

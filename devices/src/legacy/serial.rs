@@ -10,83 +10,51 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{BusDevice, EventFdTrigger};
 
-/// Console lines the Linux kernel prints at `KERN_EMERG` (so `quiet` does not
-/// hide them) when it panics or powers off.
+/// The line the Linux kernel prints at `KERN_EMERG` (so `quiet` does not hide
+/// it) when it panics.
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
-const POWER_OFF_MARKER: &str = "reboot: Power down";
-const HALT_MARKER: &str = "reboot: System halted";
 /// The longest console line kept for detection; the guest controls the
 /// console, so the buffer is bounded.
 const MAX_LINE: usize = 512;
 
-/// What the guest kernel announced on its console about its own end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GuestConsoleEvent {
-    /// The kernel panicked; the line it printed.
-    Panic(String),
-    /// The kernel powered off or halted: without ACPI its CPUs then just stop,
-    /// so this line is the only sign that the guest is done.
-    PowerOff,
-}
-
-/// Watches the guest's console for the lines that tell how the guest ended.
-///
-/// A guest that panics with `panic=N` reboots through the same i8042 reset as
-/// a clean `reboot`, and one that powers off without ACPI halts silently: short
-/// of an ACPI or pvpanic device, these console lines are the reliable signs.
-/// The guest can print them from user space too; that only lets it end its
-/// own VM, which it may do anyway.
-#[derive(Debug, Clone)]
+/// Keeps the last kernel-panic line of the guest's console, as the message
+/// to show once the VM is known to have panicked. It decides nothing:
+/// anything in the guest can print such a line, so the VMM learns of a panic
+/// from the guest's reset (`vmm`'s `power` module) and of a halt from its
+/// vCPUs.
+#[derive(Debug, Clone, Default)]
 pub struct ConsoleWatch {
-    event: Arc<Mutex<Option<GuestConsoleEvent>>>,
-    wake: Arc<EventFd>,
+    panic_line: Arc<Mutex<Option<String>>>,
 }
 
 impl ConsoleWatch {
-    /// A watcher that writes to its [`wake`](Self::wake) event on the first event.
-    ///
-    /// # Errors
-    /// Creating the eventfd failed.
-    pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            event: Arc::default(),
-            wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
-        })
+    /// A watcher that saw nothing yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// The first event seen, if any.
+    /// The last kernel-panic line the console showed, if any.
     #[must_use]
-    pub fn event(&self) -> Option<GuestConsoleEvent> {
-        self.event
+    pub fn panic_line(&self) -> Option<String> {
+        self.panic_line
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// Readable once an event was seen.
-    #[must_use]
-    pub fn wake(&self) -> &EventFd {
-        &self.wake
-    }
-
     fn check_line(&self, line: &str) {
-        let seen = if line.contains(PANIC_MARKER) {
-            GuestConsoleEvent::Panic(line.trim().to_string())
-        } else if line.contains(POWER_OFF_MARKER) || line.contains(HALT_MARKER) {
-            GuestConsoleEvent::PowerOff
-        } else {
-            return;
-        };
-        let mut slot = self.event.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(seen);
-            let _ = self.wake.write(1);
+        if line.contains(PANIC_MARKER) {
+            *self
+                .panic_line
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(line.trim().to_string());
         }
     }
 }
 
 /// Where the guest's console output goes: a writer (hull's stdout), with every
-/// line checked for a kernel panic on the way.
+/// line checked on the way (see [`ConsoleWatch`]).
 pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
@@ -326,46 +294,34 @@ mod tests {
 
     fn console() -> (SerialConsole, Sink, ConsoleWatch, EventFd) {
         let sink = Sink::default();
-        let panic = ConsoleWatch::new().unwrap();
+        let watch = ConsoleWatch::new();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let (dev, _) = SerialConsole::new(
             EventFdTrigger::new(irq.try_clone().unwrap()),
-            ConsoleOutput::new(Box::new(sink.clone()), panic.clone()),
+            ConsoleOutput::new(Box::new(sink.clone()), watch.clone()),
         )
         .unwrap();
-        (dev, sink, panic, irq)
+        (dev, sink, watch, irq)
     }
 
     #[test]
-    fn guest_bytes_reach_the_output_and_panics_are_noticed() {
-        let (mut dev, sink, panic, _irq) = console();
-        for b in b"hello\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
+    fn guest_bytes_reach_the_output_and_the_last_panic_line_is_kept() {
+        let (mut dev, sink, watch, _irq) = console();
+        for b in b"hello\nKernel panic - not syncing: fake\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n" {
             dev.write(0, &[*b]);
         }
         assert!(String::from_utf8_lossy(&sink.0.lock().unwrap()).starts_with("hello\n"));
-        let Some(GuestConsoleEvent::Panic(msg)) = panic.event() else {
-            panic!("no panic seen")
-        };
+        let msg = watch.panic_line().expect("no panic line kept");
         assert!(msg.contains("Attempted to kill init"), "{msg}");
-        assert_eq!(panic.wake().read().unwrap(), 1);
     }
 
     #[test]
     fn an_endless_line_is_bounded() {
-        let (mut dev, _sink, panic, _irq) = console();
+        let (mut dev, _sink, watch, _irq) = console();
         for _ in 0..100_000 {
             dev.write(0, b"x");
         }
         assert!(dev.uart.writer().line.len() <= MAX_LINE);
-        assert!(panic.event().is_none());
-    }
-
-    #[test]
-    fn power_off_is_noticed_once() {
-        let (mut dev, _sink, watch, _irq) = console();
-        for b in b"[    2.5] reboot: Power down\nKernel panic - not syncing: later\n" {
-            dev.write(0, &[*b]);
-        }
-        assert_eq!(watch.event(), Some(GuestConsoleEvent::PowerOff));
+        assert!(watch.panic_line().is_none());
     }
 }

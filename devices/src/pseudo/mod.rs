@@ -3,7 +3,7 @@
 
 mod power;
 
-pub use hull_protocol::ports::POWER_PORT;
+pub use hull_protocol::ports::{POWER_OFF, POWER_PORT};
 pub use power::PowerPort;
 
 /// Ports covered by the power-off doorbell.
