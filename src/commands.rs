@@ -177,6 +177,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         entropy: false,
         net: None,
         exit_signal: None,
+        boot_times: None,
     };
     let exit = vmm::run(config)?;
     if exit.is_clean() {
@@ -593,6 +594,7 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
                 "Error": state.error,
                 "StartedAt": state.started,
                 "FinishedAt": state.finished,
+                "BootTimes": state.boot_times,
             },
             "HostConfig": {
                 "Memory": c.config.memory_mib << 20,

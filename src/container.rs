@@ -133,6 +133,44 @@ pub struct State {
     pub exit_code: Option<i32>,
     /// Why it ended abnormally, if it did.
     pub error: Option<String>,
+    /// When each point of its VM's last start happened, from the VMM's
+    /// boot timer (milliseconds since KVM_CREATE_VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_times: Vec<BootTime>,
+}
+
+/// One point of a VM's start (see `vmm::BootTimes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootTime {
+    /// What happened: `vm created`, `vcpus started`, `init started`...
+    pub point: String,
+    /// When, in milliseconds since KVM_CREATE_VM.
+    pub ms: f64,
+}
+
+impl BootTime {
+    /// The points of `times`.
+    #[must_use]
+    pub fn all(times: &vmm::BootTimes) -> Vec<Self> {
+        times
+            .points()
+            .into_iter()
+            .map(|(point, at)| Self {
+                point: point.to_string(),
+                ms: (at.as_secs_f64() * 1e4).round() / 10.0,
+            })
+            .collect()
+    }
+
+    /// `name N ms, ...`: the points on one line.
+    #[must_use]
+    pub fn line(times: &[Self]) -> String {
+        times
+            .iter()
+            .map(|t| format!("{} {} ms", t.point, t.ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl State {
@@ -146,6 +184,7 @@ impl State {
             finished: None,
             exit_code: None,
             error: None,
+            boot_times: Vec::new(),
         }
     }
 }

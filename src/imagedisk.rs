@@ -305,7 +305,7 @@ fn build(
         exit_signal.exit(vmm::VmExit::Error("the image build was abandoned".into()));
     }
     drop(host_end);
-    let vm_exit = vm.wait();
+    let (vm_exit, _) = vm.wait();
     let _ = std::fs::remove_dir(jail_dir.join("jail"));
     let _ = std::fs::remove_dir(&jail_dir);
     drop(signals);

@@ -690,7 +690,13 @@ fn run_locked(
     }
     drop(listener);
     let _ = std::fs::remove_file(&socket);
-    let vm_exit = vm.wait();
+    let (vm_exit, boot_times) = vm.wait();
+    if debug && !boot_times.is_empty() {
+        eprintln!(
+            "hull: boot timer: {}",
+            crate::container::BootTime::line(&boot_times)
+        );
+    }
     // The container's ports are freed with it, before it is recorded as exited.
     if let Some(mut passt) = passt {
         if let Some(why) = passt.exited() {
@@ -729,6 +735,7 @@ fn run_locked(
         s.exit_code = Some(code);
         s.error.clone_from(&error);
         s.pid = None;
+        s.boot_times.clone_from(&boot_times);
     })?;
     // Give clients their last frames, briefly (they may have gone).
     let deadline = Instant::now() + Duration::from_secs(2);

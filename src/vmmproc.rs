@@ -132,6 +132,8 @@ pub enum Command {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Report {
+    /// The VM's boot timeline (a line before the `Exit` one).
+    Boot(Vec<crate::container::BootTime>),
     /// The VM ran and ended so.
     Exit(vmm::VmExit),
     /// The VM could not be set up (the error's whole chain).
@@ -545,12 +547,15 @@ impl VmmProcess {
         self.control.clone()
     }
 
-    /// Waits for the VM to end; how it ended, or why the VMM ended without
-    /// saying.
-    ///
-    /// # Errors
-    /// The VM could not be built, or the process died without a report.
-    pub fn wait(mut self) -> Result<vmm::VmExit, VmmProcessError> {
+    /// Waits for the VM to end; how it ended (or why the VMM ended without
+    /// saying: the VM could not be built, or the process died without a
+    /// report), with the VM's boot timeline (empty if the VMM gave none).
+    pub fn wait(
+        mut self,
+    ) -> (
+        Result<vmm::VmExit, VmmProcessError>,
+        Vec<crate::container::BootTime>,
+    ) {
         let mut text = Vec::new();
         let mut overdue = false;
         if let Some(r) = self.report.take() {
@@ -569,18 +574,27 @@ impl VmmProcess {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.remove();
         }
-        let report = text
-            .split(|&b| b == b'\n')
-            .find(|l| !l.is_empty())
-            .and_then(|l| serde_json::from_slice::<Report>(l).ok());
-        match report {
-            Some(Report::Exit(exit)) => Ok(exit),
-            Some(Report::Failed(e)) => Err(VmmProcessError::Build(e)),
-            None if overdue => Err(VmmProcessError::Died(format!(
-                "the VMM did not end within {END_TIMEOUT:?} of being waited for: killed"
-            ))),
-            None => Err(VmmProcessError::Died(died(status, &last))),
+        let mut boot = Vec::new();
+        let mut ended = None;
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Report>(line) {
+                Ok(Report::Boot(times)) => boot = times,
+                Ok(Report::Exit(exit)) => ended = Some(Ok(exit)),
+                Ok(Report::Failed(e)) => ended = Some(Err(VmmProcessError::Build(e))),
+                Err(_) => {}
+            }
+            if ended.is_some() {
+                break;
+            }
         }
+        let ended = ended.unwrap_or_else(|| {
+            Err(VmmProcessError::Died(if overdue {
+                format!("the VMM did not end within {END_TIMEOUT:?} of being waited for: killed")
+            } else {
+                died(status, &last)
+            }))
+        });
+        (ended, boot)
     }
 
     fn reap(&mut self) -> Option<libc::c_int> {
@@ -663,12 +677,19 @@ pub fn child_main() -> i32 {
     };
     // Nothing but what the monitor passed stays open.
     close_from(desc.fds);
-    let report = match run_vm(desc, reader) {
+    let times = vmm::BootTimes::new();
+    let report = match run_vm(desc, reader, &times) {
         Ok(exit) => Report::Exit(exit),
         Err(e) => Report::Failed(e),
     };
-    let mut out = serde_json::to_vec(&report).unwrap_or_default();
-    out.push(b'\n');
+    let mut out = Vec::new();
+    for r in [
+        Report::Boot(crate::container::BootTime::all(&times)),
+        report,
+    ] {
+        out.extend(serde_json::to_vec(&r).unwrap_or_default());
+        out.push(b'\n');
+    }
     // SAFETY: fd 1 is the monitor's report pipe, ours alone.
     let mut stdout = unsafe { File::from_raw_fd(1) };
     let _ = stdout.write_all(&out);
@@ -693,7 +714,11 @@ fn take_fd(fd: RawFd) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn run_vm(desc: LaunchDesc, commands: BufReader<File>) -> Result<vmm::VmExit, String> {
+fn run_vm(
+    desc: LaunchDesc,
+    commands: BufReader<File>,
+    times: &vmm::BootTimes,
+) -> Result<vmm::VmExit, String> {
     let console = File::from(take_fd(desc.console_fd)?);
     let console_out: Box<dyn Write + Send> = match desc.console_cap {
         Some(cap) => Box::new(crate::logfile::CappedWriter::new(console, cap)),
@@ -730,6 +755,7 @@ fn run_vm(desc: LaunchDesc, commands: BufReader<File>) -> Result<vmm::VmExit, St
         entropy: true,
         net,
         exit_signal: Some(exit.clone()),
+        boot_times: Some(times.clone()),
     };
     // Build (every host file opened, every socket connected), confine, run.
     let vm = vmm::Vmm::build(config).map_err(|e| crate::error_chain(&e))?;

@@ -607,6 +607,10 @@ fn the_image_disk_is_built_once_in_its_own_vm_and_reused() {
         &format!("ls {dir}/ | grep rootfs-; stat -c %a {dir}/rootfs-*.ext4"),
     );
     script += &r("second", &format!("hull --debug run --rm {img} true"));
+    script += &r(
+        "inspect",
+        &format!("hull run --name timed {img} true && hull inspect timed"),
+    );
     let run = lab.boot(&script);
 
     let first = Step::of(&run, "first");
@@ -641,8 +645,51 @@ fn the_image_disk_is_built_once_in_its_own_vm_and_reused() {
         "the second run does not unpack again",
         &second,
     );
+    // The VMM's boot timer: its own steps and the init's marks, in order.
+    let timer = second
+        .err
+        .iter()
+        .find_map(|l| l.strip_prefix("hull: boot timer: "))
+        .unwrap_or_default();
+    let points: Vec<&str> = timer
+        .split(", ")
+        .filter_map(|p| p.rsplit_once(' ')?.0.rsplit_once(' ').map(|(name, _)| name))
+        .collect();
+    check(
+        &run,
+        points
+            == [
+                "vm created",
+                "vcpus started",
+                "init started",
+                "root ready",
+                "workload started",
+                "vm stopped",
+            ],
+        "--debug run prints the boot timeline, every point in order",
+        &second,
+    );
+    let inspect = Step::of(&run, "inspect");
+    let record: serde_json::Value =
+        serde_json::from_str(&inspect.out.join("\n")).unwrap_or_default();
+    let times = &record[0]["State"]["BootTimes"];
+    let ms = |point: &str| {
+        times
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["point"] == point))
+            .and_then(|t| t["ms"].as_f64())
+    };
+    check(
+        &run,
+        matches!(
+            (ms("vcpus started"), ms("init started"), ms("workload started")),
+            (Some(a), Some(b), Some(c)) if 0.0 < a && a < b && b < c
+        ),
+        "inspect shows the boot timeline of the container's VM",
+        &inspect,
+    );
     println!(
-        "timing: hull run IMG true in the emulated host: first (two at once) {:?} ms, later {:?} ms",
+        "timing: hull run IMG true in the emulated host: first (two at once) {:?} ms, later {:?} ms; boot timer: {timer}",
         total_ms(&first),
         total_ms(&second)
     );

@@ -21,6 +21,7 @@ pub use boot::BootSource;
 pub use control::{ControlError, VcpuCommand, VmmHandle};
 pub use device_manager::{DiskConfig, FsShare};
 pub use device_manager::{NetBackendConfig, NetConfig};
+pub use devices::pseudo::{BootPoint, BootTimes};
 pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;
 pub use vm::{run, VmConfig, Vmm, VmmError};

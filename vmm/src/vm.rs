@@ -13,7 +13,9 @@ use devices::legacy::{
     ConsoleOutput, ConsoleWatch, SerialConsole, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT, I8042,
     I8042_LEN, I8042_PORT,
 };
-use devices::pseudo::{PowerPort, POWER_LEN, POWER_PORT};
+use devices::pseudo::{
+    BootTimer, BootTimes, PowerPort, BOOT_TIMER_LEN, BOOT_TIMER_PORT, POWER_LEN, POWER_PORT,
+};
 use devices::virtio::MmioTransport;
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -71,6 +73,9 @@ pub struct VmConfig {
     /// Lets the caller stop the VM from another thread (`ExitSignal::exit`);
     /// `None` when only the guest ends it.
     pub exit_signal: Option<ExitSignal>,
+    /// Where the VM's boot timeline goes (its own steps and the guest
+    /// init's boot-timer marks), for the caller to read once it ended.
+    pub boot_times: Option<BootTimes>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -193,6 +198,7 @@ pub struct Vmm {
     /// Last: outlives every KVM descriptor above.
     mem: GuestMemoryMmap,
     started: Instant,
+    times: BootTimes,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -237,6 +243,8 @@ impl Vmm {
 
         let kvm = kvm::open(&config.kvm_path, config.guest_needs)?;
         let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+        let times = config.boot_times.unwrap_or_default();
+        times.vm_created();
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
@@ -289,6 +297,12 @@ impl Vmm {
             POWER_LEN,
         )
         .map_err(bus_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(BootTimer::new(times.clone()))),
+            u64::from(BOOT_TIMER_PORT),
+            BOOT_TIMER_LEN,
+        )
+        .map_err(bus_err)?;
         let mut mmio = Bus::new();
 
         let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
@@ -339,6 +353,7 @@ impl Vmm {
             kvm,
             mem,
             started,
+            times,
         })
     }
 
@@ -368,6 +383,7 @@ impl Vmm {
             kvm,
             mem,
             started,
+            times,
         } = self;
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
         let mut outcome = Ok(());
@@ -388,10 +404,12 @@ impl Vmm {
             }
         }
         handle.started(threads);
+        times.vcpus_started();
         let result = match outcome {
             Ok(()) => {
                 tracing::debug!("vm: vCPUs running after {:?}", started.elapsed());
                 let (ended, all_stopped) = run_until_exit(&mut events, &exit, &handle);
+                times.stopped();
                 // The vCPUs are stopped: what the guest left in memory is final.
                 let ended = power::classify(ended, &mem, watch.panic_line());
                 tracing::debug!("vm: stopped after {:?}: {ended:?}", started.elapsed());

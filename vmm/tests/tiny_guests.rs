@@ -94,6 +94,7 @@ fn config(kernel: &Path, cpus: u8, out: &Capture) -> VmConfig {
         entropy: false,
         net: None,
         exit_signal: None,
+        boot_times: None,
     }
 }
 
@@ -237,6 +238,7 @@ fn an_idle_guest_is_not_taken_for_a_halted_one() {
         entropy: false,
         net: None,
         exit_signal: Some(signal),
+        boot_times: None,
     };
     let exit = vmm::run(config).expect("the VM should start");
     stopper.join().unwrap();
@@ -277,6 +279,7 @@ fn a_kernel_too_big_for_memory_is_refused() {
         entropy: false,
         net: None,
         exit_signal: None,
+        boot_times: None,
     };
     let err = vmm::run(config).unwrap_err().to_string();
     std::fs::remove_file(path).unwrap();
@@ -307,6 +310,7 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
         entropy: true,
         net: None,
         exit_signal: Some(signal.clone()),
+        boot_times: None,
     };
     let stopper = std::thread::spawn(move || {
         // Once the guest runs (it printed), as `hull stop` would find it.

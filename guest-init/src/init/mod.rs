@@ -57,6 +57,7 @@ struct Init {
 /// The init's entry point.
 pub fn main() -> ! {
     let start = Instant::now();
+    crate::ports::mark(crate::ports::BootMark::InitStarted);
     // SAFETY: ignoring SIGPIPE in the init (a write to a closed pipe returns
     // EPIPE instead); the child restores the default before exec.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
@@ -158,6 +159,7 @@ impl Init {
             volumes::make_root_read_only(&spec.cwd)?;
         }
         self.note("root ready");
+        crate::ports::mark(crate::ports::BootMark::RootReady);
         let Some(chan) = self.chan.as_mut() else {
             return Ok(None);
         };
@@ -233,6 +235,7 @@ pub fn run_container(chan: &mut Channel, spec: &RunSpec) -> Result<Option<i32>, 
     take_early_frames(chan, &mut early, &mut winsize)?;
     let prepared = prepare_main(spec, winsize)?;
     let child = process::spawn(&prepared)?;
+    crate::ports::mark(crate::ports::BootMark::WorkloadStarted);
     chan.note(format!("exec {}", prepared.path.to_string_lossy()));
     match events::run(chan, child, spec, &early) {
         Outcome::Exited(code) => {
