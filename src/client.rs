@@ -9,8 +9,9 @@ use hull_protocol::frame::Frame;
 use hull_protocol::spec::ExecSpec;
 use images::Store;
 
+use crate::container::socket_path;
 use crate::container::{Container, Status};
-use crate::monitor::{socket_path, Request};
+use crate::monitor::Request;
 use crate::session::{self, Outcome, Relay};
 use crate::tty::{window_size, RawTerminal};
 
@@ -37,7 +38,7 @@ fn relay(
     tty: bool,
     debug: bool,
 ) -> Result<i32> {
-    let signals = crate::run::forwarded_signals_fd(if tty { &[libc::SIGWINCH] } else { &[] })?;
+    let signals = crate::session::forwarded_signals_fd(if tty { &[libc::SIGWINCH] } else { &[] })?;
     let mut initial = vec![request_frame(request)?];
     if tty {
         if let Some((rows, cols)) = window_size(libc::STDIN_FILENO) {

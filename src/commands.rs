@@ -71,7 +71,7 @@ fn volume(cmd: crate::cli::VolumeCommand) -> Result<ExitCode> {
             let size = parse_volume_opts(&args.opt)?;
             let name = match args.name {
                 Some(n) => n,
-                None => crate::run::new_id()?,
+                None => crate::container::new_id()?,
             };
             println!("{}", volumes.create(&name, size, false)?.info.name);
             Ok(ExitCode::SUCCESS)
@@ -259,7 +259,7 @@ fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
     match crate::client::exec(&store, &container, spec, debug)? {
         crate::client::VANISHED => {
             eprintln!("hull: the container's monitor went away");
-            Ok(exit_code(crate::run::EXIT_RUNTIME_ERROR))
+            Ok(exit_code(crate::flags::EXIT_RUNTIME_ERROR))
         }
         code => Ok(exit_code(code)),
     }

@@ -100,7 +100,7 @@ pub struct ContainerConfig {
     pub network: Option<crate::network::NetworkConfig>,
     /// Its volumes, bind mounts and tmpfs mounts (in mounting order).
     #[serde(default)]
-    pub mounts: Vec<crate::volume::HostMount>,
+    pub mounts: Vec<HostMount>,
     /// Its labels (`--label`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -434,7 +434,7 @@ impl Containers {
     pub fn remove(&self, container: &Container) -> Result<u64, ContainerError> {
         // A monitor that was killed leaves its socket behind.
         if let Some(store_root) = self.root.parent() {
-            let _ = fs::remove_file(crate::monitor::socket_path(
+            let _ = fs::remove_file(crate::container::socket_path(
                 store_root,
                 &container.config.id,
             ));
@@ -484,6 +484,73 @@ pub fn generated_name(id: &str) -> String {
         NOUN[byte(2) % 16],
         &id[4..8.min(id.len())]
     )
+}
+
+/// A fresh random container id (64 hex digits, as docker's).
+pub fn new_id() -> Result<String, Box<dyn std::error::Error>> {
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// The socket of a container: short, so it fits `sun_path` under any root.
+#[must_use]
+pub fn socket_path(store_root: &Path, id: &str) -> PathBuf {
+    store_root
+        .join("run")
+        .join(format!("{}.sock", &id[..12.min(id.len())]))
+}
+
+/// One mount as the host records it (in the container's config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum HostMount {
+    /// A host directory (absolute, symlinks resolved when the container was created).
+    Bind {
+        /// The host directory.
+        source: PathBuf,
+        /// Where in the container.
+        target: String,
+        /// Read-only.
+        read_only: bool,
+        /// The directory's identity when the container was created (absent
+        /// in records from before it was kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<BindIdentity>,
+    },
+    /// A named (or anonymous) volume.
+    Volume {
+        /// The volume's name.
+        name: String,
+        /// Where in the container.
+        target: String,
+        /// Read-only.
+        read_only: bool,
+        /// Made for this container (`-v /path`, or the image's `Volumes`).
+        anonymous: bool,
+    },
+    /// A tmpfs.
+    Tmpfs {
+        /// Where in the container.
+        target: String,
+        /// Size limit in bytes.
+        size: Option<u64>,
+        /// Mode of its root.
+        mode: u32,
+        /// Executables allowed.
+        exec: bool,
+        /// Read-only.
+        read_only: bool,
+    },
+}
+
+/// Which host directory a bind source was: device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindIdentity {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use hull_protocol::frame::Frame;
 use tar::EntryType;
 
 use crate::container::Containers;
+use crate::flags::UsageError;
 use crate::monitor::Request;
-use crate::run::UsageError;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

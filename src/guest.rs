@@ -133,3 +133,10 @@ pub fn initramfs(init: &Path, cache_dir: &Path) -> Result<PathBuf, GuestError> {
     std::fs::rename(&tmp, &path).map_err(io("cannot write", &path))?;
     Ok(path)
 }
+
+/// Guest command line for containers: the console goes to a log, not the
+/// user's terminal, so the kernel stays quiet. `dummy.numdummies=0`: the
+/// built-in dummy driver makes no `dummy0` at boot (a container sees only
+/// `lo` and `eth0`, as in docker; `ip link add type dummy` still works).
+pub const CONTAINER_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check dummy.numdummies=0";

@@ -286,7 +286,7 @@ fn build(
         boot: vmm::BootSource {
             kernel: kernel.to_path_buf(),
             initrd: Some(initrd),
-            cmdline: crate::run::CONTAINER_CMDLINE.into(),
+            cmdline: crate::guest::CONTAINER_CMDLINE.into(),
         },
         memory_mib: BUILD_MEMORY_MIB,
         cpus: 1,

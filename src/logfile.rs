@@ -70,7 +70,7 @@ impl LogOptions {
             };
             match key {
                 "max-size" => {
-                    out.max_size = crate::run::parse_size(value)
+                    out.max_size = crate::flags::parse_size(value)
                         .ok()
                         .filter(|&n| n > 0)
                         .ok_or_else(|| {

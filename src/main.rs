@@ -10,6 +10,7 @@ mod commands;
 mod container;
 mod cp;
 mod disks;
+mod flags;
 mod guest;
 mod imagedisk;
 mod initramfs;

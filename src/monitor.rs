@@ -16,14 +16,13 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hull_protocol::frame::{Frame, FrameDecoder};
 use hull_protocol::spec::ExecSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::container::{files, now, Container, Containers, Lock, Status};
+use crate::container::{files, now, socket_path, Container, Containers, Lock, Status};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -77,14 +76,6 @@ const MAX_CLIENTS: usize = 64;
 const ATTACH_WAIT: Duration = Duration::from_secs(30);
 /// After the SIGKILL of a stop, how long before the VM itself is stopped.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-
-/// The socket of a container: short, so it fits `sun_path` under any root.
-#[must_use]
-pub fn socket_path(store_root: &Path, id: &str) -> PathBuf {
-    store_root
-        .join("run")
-        .join(format!("{}.sock", &id[..12.min(id.len())]))
-}
 
 #[derive(Debug, PartialEq, Eq)]
 enum Role {
@@ -614,7 +605,7 @@ pub fn run(key: &str, wait_attach: bool, debug: bool) -> Result<()> {
         let _ = container.update_state(|s| {
             s.status = Status::Exited;
             s.finished = Some(now());
-            s.exit_code = Some(crate::run::EXIT_RUNTIME_ERROR);
+            s.exit_code = Some(crate::flags::EXIT_RUNTIME_ERROR);
             s.error = Some(message.clone());
             s.pid = None;
         });
@@ -709,12 +700,15 @@ fn run_locked(
         (Some(MainOutcome::Exited(code)), _) => (*code, None),
         (Some(MainOutcome::Failed(code, message)), _) => (*code, Some(message.clone())),
         (None, Ok(exit)) => (
-            crate::run::EXIT_RUNTIME_ERROR,
+            crate::flags::EXIT_RUNTIME_ERROR,
             Some(format!(
                 "the container's VM ended before the container did: {exit}"
             )),
         ),
-        (None, Err(e)) => (crate::run::EXIT_RUNTIME_ERROR, Some(crate::error_chain(e))),
+        (None, Err(e)) => (
+            crate::flags::EXIT_RUNTIME_ERROR,
+            Some(crate::error_chain(e)),
+        ),
     };
     if monitor.outcome.is_none() {
         let message = error.clone().unwrap_or_default();

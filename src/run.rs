@@ -5,7 +5,6 @@
 //! rules), prepare disks, boot the VM, and relay the container's stdio until
 //! the guest init reports how it ended.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Instant;
@@ -17,97 +16,10 @@ use images::{Image, PullOptions, Store};
 
 use crate::cli::RunArgs;
 use crate::container::{self, files, generated_name, Container, ContainerConfig, Containers};
+use crate::flags::{parse_cpus, parse_memory, usage};
 use crate::{disks, guest, imagedisk};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-/// Exit status for hull's own failures (docker's).
-pub const EXIT_RUNTIME_ERROR: i32 = 125;
-
-/// Guest command line for containers: the console goes to a log, not the
-/// user's terminal, so the kernel stays quiet. `dummy.numdummies=0`: the
-/// built-in dummy driver makes no `dummy0` at boot (a container sees only
-/// `lo` and `eth0`, as in docker; `ip link add type dummy` still works).
-pub(crate) const CONTAINER_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 quiet loglevel=3 no_timer_check dummy.numdummies=0";
-
-/// A user error in the flags, reported as one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-fn usage(msg: impl Into<String>) -> Box<dyn std::error::Error> {
-    Box::new(UsageError(msg.into()))
-}
-
-/// Why [`parse_size`] refused a size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SizeError {
-    /// Not a number with an optional b/k/m/g suffix.
-    Invalid,
-    /// More bytes than a u64 holds.
-    TooLarge,
-}
-
-/// Parses docker's size notation: a number with an optional b/k/m/g suffix
-/// (binary units, also as kb/kib; bytes when bare); returns bytes.
-///
-/// # Errors
-/// Not a size, or too large.
-pub fn parse_size(text: &str) -> std::result::Result<u64, SizeError> {
-    let t = text.trim().to_ascii_lowercase();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t.as_str(), ""),
-    };
-    let shift = match unit.trim_end_matches('b').trim_end_matches('i') {
-        "" if unit.is_empty() || unit == "b" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        _ => return Err(SizeError::Invalid),
-    };
-    let n: u64 = num.parse().map_err(|_| SizeError::Invalid)?;
-    n.checked_mul(1 << shift).ok_or(SizeError::TooLarge)
-}
-
-/// Parses docker's memory notation ([`parse_size`]); returns MiB, rounded up.
-///
-/// # Errors
-/// Not a size, or below 64 MiB.
-pub fn parse_memory(text: &str) -> Result<u64> {
-    let bytes = parse_size(text).map_err(|e| match e {
-        SizeError::Invalid => usage(format!("invalid --memory {text:?}: use e.g. 512m or 2g")),
-        SizeError::TooLarge => usage(format!("--memory {text:?} is too large")),
-    })?;
-    let mib = bytes.div_ceil(1 << 20);
-    if mib < 64 {
-        return Err(usage(format!(
-            "--memory {text:?} is below the 64 MiB a container VM needs"
-        )));
-    }
-    Ok(mib)
-}
-
-/// Parses `--cpus` (docker allows fractions; a VM has whole vCPUs: rounded up).
-///
-/// # Errors
-/// Not a number in (0, 32].
-pub fn parse_cpus(text: &str) -> Result<u8> {
-    let v: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| usage(format!("invalid --cpus {text:?}")))?;
-    if !(v > 0.0 && v <= 32.0) {
-        return Err(usage(format!(
-            "--cpus {text:?} must be more than 0 and at most 32"
-        )));
-    }
-    // In (0, 32]: the cast cannot truncate.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let n = v.ceil() as u8;
-    Ok(n)
-}
 
 /// The container's confinement from the flags (docker's rules): validated
 /// here, before any image or VM.
@@ -136,7 +48,7 @@ fn security_spec(args: &RunArgs) -> Result<SecuritySpec> {
         spec.sysctls.push((k, v));
     }
     if let Some(size) = &args.shm_size {
-        spec.shm_size = match parse_size(size) {
+        spec.shm_size = match crate::flags::parse_size(size) {
             Ok(n) if n > 0 => n,
             _ => {
                 return Err(usage(format!(
@@ -149,7 +61,7 @@ fn security_spec(args: &RunArgs) -> Result<SecuritySpec> {
         spec.stop_signal =
             sec::parse_signal(sig).map_err(|e| usage(format!("--stop-signal: {e}")))?;
     }
-    spec.memory_bytes = parse_size(&args.memory).unwrap_or(0);
+    spec.memory_bytes = crate::flags::parse_size(&args.memory).unwrap_or(0);
     // The quota docker sets for --cpus (validated by parse_cpus).
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let millis = args
@@ -219,14 +131,6 @@ fn command_line(image: &Image, entrypoint: Option<&str>, args: &[String]) -> Res
     }
     Ok(all)
 }
-
-/// A fresh random container id (64 hex digits, as docker's).
-pub(crate) fn new_id() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(hex::encode(bytes))
-}
-
 /// Whether `reference` is the built-in default image: `busybox` works with
 /// no registry at all (made from the host's /bin/busybox).
 pub(crate) fn is_builtin_image(reference: &str) -> bool {
@@ -247,41 +151,6 @@ fn resolve_image(store: &Store, reference: &str, insecure: bool) -> Result<Image
     eprintln!("Unable to find image '{reference}' locally");
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Ok(store.pull(reference, &PullOptions { insecure, progress })?)
-}
-
-/// Signals forwarded to the container while it runs.
-const FORWARDED_SIGNALS: [libc::c_int; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
-/// Blocks the forwarded signals in this thread (and the threads it starts
-/// later) and returns a signalfd that delivers them.
-pub fn forwarded_signals_fd(extra: &[libc::c_int]) -> std::io::Result<OwnedFd> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set = unsafe { std::mem::zeroed::<libc::sigset_t>() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &sig in FORWARDED_SIGNALS.iter().chain(extra) {
-        // SAFETY: `set` is a valid sigset_t and `sig` a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    // SAFETY: `set` is initialised; the old mask is not needed.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(std::io::Error::from_raw_os_error(r));
-    }
-    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: signalfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Records a new container for `args`: image resolved (pulled if need be)
@@ -320,7 +189,7 @@ pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     imagedisk::ensure(store, &image, &kernel, debug)?;
 
     crate::volume::create_volumes(store.root(), &mut mounts)?;
-    let id = new_id()?;
+    let id = crate::container::new_id()?;
     net.config.mac = crate::network::mac_for(&id);
     let hostname = args
         .hostname
@@ -447,7 +316,7 @@ pub fn spawn_monitor(
         });
     }
     let mut child = cmd.spawn()?;
-    let socket = crate::monitor::socket_path(store.root(), &container.config.id);
+    let socket = crate::container::socket_path(store.root(), &container.config.id);
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
     loop {
         // Ready once it answers and has recorded the container as running, so
@@ -496,7 +365,7 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
     let mut code = crate::client::attach(&store, &container, args.interactive, args.tty, debug)?;
     if code == crate::client::VANISHED {
         // The session broke off: the monitor records the end in the state.
-        code = crate::client::wait_exited(&container).unwrap_or(EXIT_RUNTIME_ERROR);
+        code = crate::client::wait_exited(&container).unwrap_or(crate::flags::EXIT_RUNTIME_ERROR);
         let error = container.state().ok().and_then(|s| s.error);
         eprintln!(
             "hull: lost the container's output stream{}",
@@ -602,7 +471,7 @@ pub fn prepare_vm(
         boot: vmm::BootSource {
             kernel: container.config.kernel.clone(),
             initrd: Some(initrd),
-            cmdline: CONTAINER_CMDLINE.into(),
+            cmdline: crate::guest::CONTAINER_CMDLINE.into(),
         },
         memory_mib: container.config.memory_mib,
         cpus: container.config.cpus,
@@ -626,27 +495,6 @@ pub fn prepare_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memory_follows_docker_notation() {
-        assert_eq!(parse_memory("512m").unwrap(), 512);
-        assert_eq!(parse_memory("1g").unwrap(), 1024);
-        assert_eq!(parse_memory("1G").unwrap(), 1024);
-        assert_eq!(parse_memory("268435456").unwrap(), 256);
-        assert_eq!(parse_memory("100000k").unwrap(), 98);
-        assert!(parse_memory("12m").is_err());
-        assert!(parse_memory("lots").is_err());
-        assert!(parse_memory("5x").is_err());
-    }
-
-    #[test]
-    fn cpus_round_up() {
-        assert_eq!(parse_cpus("1").unwrap(), 1);
-        assert_eq!(parse_cpus("1.5").unwrap(), 2);
-        assert!(parse_cpus("0").is_err());
-        assert!(parse_cpus("33").is_err());
-        assert!(parse_cpus("x").is_err());
-    }
 
     fn run_args(args: &[&str]) -> RunArgs {
         use clap::Parser;
@@ -718,7 +566,10 @@ mod tests {
             &["--stop-signal", "SIGNOPE"],
         ] {
             let e = security_spec(&run_args(bad)).unwrap_err();
-            assert!(e.downcast_ref::<UsageError>().is_some(), "{bad:?}: {e}");
+            assert!(
+                e.downcast_ref::<crate::flags::UsageError>().is_some(),
+                "{bad:?}: {e}"
+            );
         }
     }
 

@@ -18,8 +18,9 @@ use std::path::{Component, Path, PathBuf};
 use hull_protocol::spec::{share_tag, volume_disk_serial, MountSource, MountSpec};
 use serde::{Deserialize, Serialize};
 
+pub use crate::container::{BindIdentity, HostMount};
 use crate::container::{Containers, Lock};
-use crate::run::{parse_size, UsageError};
+use crate::flags::{parse_size, UsageError};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -34,58 +35,6 @@ const MIN_VOLUME_SIZE: u64 = 16 << 20;
 /// Most disk and share mounts of one container (each is a virtio device, and
 /// a VM has one interrupt line per device).
 pub const MAX_DEVICE_MOUNTS: usize = 12;
-
-/// One mount as the host records it (in the container's config).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "type")]
-pub enum HostMount {
-    /// A host directory (absolute, symlinks resolved when the container was created).
-    Bind {
-        /// The host directory.
-        source: PathBuf,
-        /// Where in the container.
-        target: String,
-        /// Read-only.
-        read_only: bool,
-        /// The directory's identity when the container was created (absent
-        /// in records from before it was kept).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        identity: Option<BindIdentity>,
-    },
-    /// A named (or anonymous) volume.
-    Volume {
-        /// The volume's name.
-        name: String,
-        /// Where in the container.
-        target: String,
-        /// Read-only.
-        read_only: bool,
-        /// Made for this container (`-v /path`, or the image's `Volumes`).
-        anonymous: bool,
-    },
-    /// A tmpfs.
-    Tmpfs {
-        /// Where in the container.
-        target: String,
-        /// Size limit in bytes.
-        size: Option<u64>,
-        /// Mode of its root.
-        mode: u32,
-        /// Executables allowed.
-        exec: bool,
-        /// Read-only.
-        read_only: bool,
-    },
-}
-
-/// Which host directory a bind source was: device and inode numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BindIdentity {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
 
 impl BindIdentity {
     fn of(m: &fs::Metadata) -> Self {
@@ -903,7 +852,7 @@ pub fn create_volumes(store_root: &Path, mounts: &mut [HostMount]) -> Result<()>
         } = m
         {
             if name.is_empty() {
-                *name = crate::run::new_id()?;
+                *name = crate::container::new_id()?;
             }
             let v = volumes.create(name, DEFAULT_VOLUME_SIZE, *anonymous)?;
             // Told now, before a VM is started (the monitor takes the

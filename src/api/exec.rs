@@ -97,7 +97,7 @@ pub async fn create(api: Arc<Api>, key: &str, body: Incoming) -> ApiResult {
             c.config.id
         )));
     }
-    let id = crate::run::new_id().map_err(|e| ApiError::internal(e.as_ref()))?;
+    let id = crate::container::new_id().map_err(|e| ApiError::internal(e.as_ref()))?;
     let exec = Exec {
         container: c.config.id,
         spec: guest_init::spec::ExecSpec {

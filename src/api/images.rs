@@ -246,7 +246,7 @@ pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResul
     let dir = api.store.root().join("tmp");
     let path = dir.join(format!(
         "api-load-{}",
-        crate::run::new_id().map_err(|e| ApiError::internal(e.as_ref()))?
+        crate::container::new_id().map_err(|e| ApiError::internal(e.as_ref()))?
     ));
     let mut file = std::fs::File::create(&path).map_err(|e| ApiError::internal(&e))?;
     let mut total: u64 = 0;

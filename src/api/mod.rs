@@ -111,7 +111,7 @@ impl ApiError {
         if let Some(::images::StoreError::NotFound(r)) = e.downcast_ref::<::images::StoreError>() {
             return Self::not_found(format!("No such image: {r}"));
         }
-        let client_side = e.downcast_ref::<crate::run::UsageError>().is_some()
+        let client_side = e.downcast_ref::<crate::flags::UsageError>().is_some()
             || e.downcast_ref::<crate::logfile::LogOptError>().is_some()
             || e.downcast_ref::<crate::network::NetworkError>().is_some()
             || e.downcast_ref::<::images::StoreError>().is_some_and(|s| {
@@ -641,7 +641,9 @@ pub fn serve(args: &ServiceArgs, debug: bool) -> Result<()> {
                 .unwrap_or(addr)
                 .parse::<std::net::SocketAddr>()
                 .map_err(|_| {
-                    crate::run::UsageError(format!("invalid --listen {addr:?}: use tcp://IP:PORT"))
+                    crate::flags::UsageError(format!(
+                        "invalid --listen {addr:?}: use tcp://IP:PORT"
+                    ))
                 })?,
         ),
     };

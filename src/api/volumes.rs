@@ -87,7 +87,7 @@ pub async fn create(api: Arc<Api>, body: Incoming) -> ApiResult {
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let v = blocking(move || {
         let name = if body.name.is_empty() {
-            crate::run::new_id().map_err(|e| ApiError::internal(e.as_ref()))?
+            crate::container::new_id().map_err(|e| ApiError::internal(e.as_ref()))?
         } else {
             body.name
         };
