@@ -84,7 +84,7 @@ row "VMM resident memory beyond guest RAM" "$(awk -v k="$hrss" 'BEGIN { printf "
 hull rm -f bench-exec bench-rss >/dev/null 2>&1
 
 # stdout throughput: hull run's stdout vs a pipe inside the same guest.
-MB=4
+MB=32
 tt=$(elapsed sh -c "hull run --rm busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")
 fixed=$(median $rt)
 pipe=$(hull run --rm busybox sh -c 'a=$(cut -d" " -f1 /proc/uptime); head -c 64000000 /dev/zero | wc -c >/dev/null; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%.2f\", 64 / (b - a) }"')
