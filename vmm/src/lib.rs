@@ -14,6 +14,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod power;
+pub mod seccomp;
 pub mod vcpu;
 mod vm;
 
@@ -24,4 +25,5 @@ pub use device_manager::{NetBackendConfig, NetConfig};
 pub use devices::pseudo::{BootPoint, BootTimes};
 pub use exit::{ExitSignal, VmExit};
 pub use kvm::GuestNeeds;
+pub use seccomp::SeccompMode;
 pub use vm::{run, VmConfig, Vmm, VmmError};

@@ -35,6 +35,7 @@ use crate::kvm::{self, GuestNeeds, KvmError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{self, MemoryError};
 use crate::power;
+use crate::seccomp::{Filters, SeccompError, SeccompMode, ThreadKind};
 use crate::vcpu::{self, VcpuError};
 
 /// How often the vCPUs are looked at for a guest that halted for good.
@@ -76,6 +77,10 @@ pub struct VmConfig {
     /// Where the VM's boot timeline goes (its own steps and the guest
     /// init's boot-timer marks), for the caller to read once it ended.
     pub boot_times: Option<BootTimes>,
+    /// The seccomp filters of the VMM's threads ([`crate::seccomp`]). Off
+    /// while the VMM is a thread of a bigger process: the filter of the
+    /// thread that calls [`Vmm::run`] stays on it afterwards.
+    pub seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -85,6 +90,7 @@ impl std::fmt::Debug for VmConfig {
             .field("memory_mib", &self.memory_mib)
             .field("cpus", &self.cpus)
             .field("kvm_path", &self.kvm_path)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +125,9 @@ pub enum VmmError {
     /// virtio devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    /// The seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Host resources (eventfds, epoll, threads).
     #[error("cannot set up {what}")]
     Host {
@@ -132,6 +141,18 @@ pub enum VmmError {
 
 fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
     move |source| VmmError::Host { what, source }
+}
+
+/// `e` and its sources, for a `VmExit::Error`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn vm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
@@ -197,6 +218,8 @@ pub struct Vmm {
     kvm: Kvm,
     /// Last: outlives every KVM descriptor above.
     mem: GuestMemoryMmap,
+    /// Compiled at build, installed by each thread in `run`.
+    filters: Arc<Filters>,
     started: Instant,
     times: BootTimes,
 }
@@ -221,6 +244,7 @@ impl Vmm {
         if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
             return Err(mptable::MpTableError::CpuCount(config.cpus).into());
         }
+        let filters = Arc::new(Filters::new(config.seccomp)?);
         // Everything the user gave is checked (and loaded) before KVM is
         // touched, so bad input gets its own error on any host.
         let pending = PendingDevices::open(&config.disks, config.control, config.entropy)?
@@ -352,6 +376,7 @@ impl Vmm {
             vm,
             kvm,
             mem,
+            filters,
             started,
             times,
         })
@@ -382,6 +407,7 @@ impl Vmm {
             vm,
             kvm,
             mem,
+            filters,
             started,
             times,
         } = self;
@@ -389,9 +415,17 @@ impl Vmm {
         let mut outcome = Ok(());
         for (index, fd, channel) in vcpus {
             let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
+            let filters = Arc::clone(&filters);
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_loop(index, fd, &pio, &mmio, &exit, &channel));
+                .spawn(move || {
+                    // Just before the guest runs on this vCPU.
+                    if let Err(e) = filters.install(ThreadKind::Vcpu) {
+                        exit.exit(VmExit::Error(format!("vCPU {index}: {}", chain(&e))));
+                        return;
+                    }
+                    vcpu::run_loop(index, fd, &pio, &mmio, &exit, &channel);
+                });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
@@ -408,7 +442,7 @@ impl Vmm {
         let result = match outcome {
             Ok(()) => {
                 tracing::debug!("vm: vCPUs running after {:?}", started.elapsed());
-                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &handle);
+                let (ended, all_stopped) = run_until_exit(&mut events, &exit, &handle, &filters);
                 times.stopped();
                 // The vCPUs are stopped: what the guest left in memory is final.
                 let ended = power::classify(ended, &mem, watch.panic_line());
@@ -468,8 +502,15 @@ fn run_until_exit(
     events: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
     exit: &ExitSignal,
     handle: &VmmHandle,
+    filters: &Arc<Filters>,
 ) -> (VmExit, bool) {
-    let stopper = VcpuStopper::start(handle, exit);
+    let stopper = VcpuStopper::start(handle, exit, filters);
+    // Every thread of the VM is started: this one confines itself too. A
+    // filter that cannot be installed stops the VM (the loop still runs to
+    // its end, so that everything is torn down).
+    if let Err(e) = filters.install(ThreadKind::EventLoop) {
+        exit.exit(VmExit::Error(chain(&e)));
+    }
     let outcome = event_loop(events, exit);
     let all_stopped = stopper.finish();
     (outcome, all_stopped)
@@ -485,11 +526,16 @@ enum VcpuStopper {
 }
 
 impl VcpuStopper {
-    fn start(handle: &VmmHandle, exit: &ExitSignal) -> Self {
+    fn start(handle: &VmmHandle, exit: &ExitSignal, filters: &Arc<Filters>) -> Self {
         let (stopper_handle, exit) = (handle.clone(), exit.clone());
+        let filters = Arc::clone(filters);
         let spawned = std::thread::Builder::new()
             .name("vcpu-stop".into())
             .spawn(move || {
+                // Unconfined, it still stops the vCPUs.
+                if let Err(e) = filters.install(ThreadKind::Stopper) {
+                    exit.exit(VmExit::Error(chain(&e)));
+                }
                 watch_for_halt(&stopper_handle, &exit);
                 stop_vcpus(stopper_handle.take_threads())
             });
@@ -649,7 +695,8 @@ mod tests {
                 at
             })
         };
-        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &handle);
+        let filters = Arc::new(Filters::new(SeccompMode::Off).unwrap());
+        let (outcome, all_stopped) = run_until_exit(&mut events, &exit, &handle, &filters);
         assert!(all_stopped);
         let returned = Instant::now();
         let asked = asker.join().unwrap();

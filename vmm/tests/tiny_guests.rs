@@ -17,6 +17,15 @@ use vmm::{BootSource, GuestNeeds, VmConfig, VmExit};
 
 const LOAD_ADDR: u64 = 0x10_0000;
 
+/// VMs of the tests run side by side (read), except where a test looks at
+/// every VMM thread of this process (write).
+static VMS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn side_by_side() -> std::sync::RwLockReadGuard<'static, ()> {
+    VMS.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A minimal ELF64 x86-64 executable: one PT_LOAD segment holding `code`,
 /// loaded and entered at 1 MiB.
 fn elf_with_code(code: &[u8]) -> Vec<u8> {
@@ -95,11 +104,13 @@ fn config(kernel: &Path, cpus: u8, out: &Capture) -> VmConfig {
         net: None,
         exit_signal: None,
         boot_times: None,
+        seccomp: vmm::SeccompMode::Off,
     }
 }
 
 fn boot(kernel: &Path, cpus: u8) -> (VmExit, String) {
     let out = Capture::default();
+    let _vms = side_by_side();
     let exit = vmm::run(config(kernel, cpus, &out)).expect("the VM should start");
     let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
     (exit, text)
@@ -239,8 +250,12 @@ fn an_idle_guest_is_not_taken_for_a_halted_one() {
         net: None,
         exit_signal: Some(signal),
         boot_times: None,
+        seccomp: vmm::SeccompMode::Off,
     };
-    let exit = vmm::run(config).expect("the VM should start");
+    let exit = {
+        let _vms = side_by_side();
+        vmm::run(config).expect("the VM should start")
+    };
     stopper.join().unwrap();
     std::fs::remove_file(kernel).unwrap();
     assert_eq!(exit, VmExit::Error("stopped by the host".into()));
@@ -280,8 +295,12 @@ fn a_kernel_too_big_for_memory_is_refused() {
         net: None,
         exit_signal: None,
         boot_times: None,
+        seccomp: vmm::SeccompMode::Off,
     };
-    let err = vmm::run(config).unwrap_err().to_string();
+    let err = {
+        let _vms = side_by_side();
+        vmm::run(config).unwrap_err().to_string()
+    };
     std::fs::remove_file(path).unwrap();
     assert!(err.contains("too small"), "{err}");
     assert!(err.contains("--memory"), "{err}");
@@ -311,6 +330,7 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
         net: None,
         exit_signal: Some(signal.clone()),
         boot_times: None,
+        seccomp: vmm::SeccompMode::Off,
     };
     let stopper = std::thread::spawn(move || {
         // Once the guest runs (it printed), as `hull stop` would find it.
@@ -323,7 +343,10 @@ fn an_exit_signalled_from_outside_stops_a_spinning_guest_promptly() {
         signal.exit(VmExit::Error("stopped by the host".into()));
         at
     });
-    let exit = vmm::run(config).expect("the VM should start");
+    let exit = {
+        let _vms = side_by_side();
+        vmm::run(config).expect("the VM should start")
+    };
     let returned = Instant::now();
     let asked = stopper.join().unwrap();
     std::fs::remove_file(kernel).unwrap();
@@ -348,6 +371,7 @@ fn a_built_vm_runs_where_no_host_path_can_be_seen() {
     let out = Capture::default();
     let mut cfg = config(&kernel, 2, &out);
     cfg.entropy = true;
+    let _vms = side_by_side();
     let vmm = vmm::Vmm::build(cfg).expect("the VM should build");
     std::fs::remove_file(&kernel).unwrap();
     let empty = std::env::temp_dir().join(format!("hull-tiny-{}-empty", std::process::id()));
@@ -388,6 +412,31 @@ const TICKER: &[u8] = &[
     0x66, 0xba, 0xf8, 0x03, 0xb9, 0x00, 0x00, 0x04, 0x00, 0xe2, 0xfe, 0xb0, b'x', 0xee, 0xeb, 0xf4,
 ];
 
+/// The seccomp mode (`Seccomp:` in /proc) of this process's VMM threads.
+fn seccomp_of_threads() -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim().to_string();
+        if !(name.starts_with("vcpu") || name == "vmm-loop") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        found.push((name, mode));
+    }
+    found
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let give_up = Instant::now() + Duration::from_secs(20);
     while !done() {
@@ -401,15 +450,36 @@ fn a_running_vm_pauses_resumes_and_stops_on_command() {
     let kernel = kernel_file("ticker", TICKER);
     let out = Capture::default();
     // Two vCPUs: the second waits for a SIPI inside KVM_RUN, and must be
-    // brought out of it too.
-    let vmm = vmm::Vmm::build(config(&kernel, 2, &out)).expect("the VM should build");
+    // brought out of it too. With every thread's seccomp filter enforced (a
+    // call outside one ends this test process with the seccomp status).
+    let mut cfg = config(&kernel, 2, &out);
+    cfg.entropy = true;
+    cfg.seccomp = vmm::SeccompMode::Enforce;
+    let _alone = VMS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let vmm = vmm::Vmm::build(cfg).expect("the VM should build");
     std::fs::remove_file(&kernel).unwrap();
     let handle = vmm.handle();
     assert!(matches!(handle.pause(), Err(vmm::ControlError::NotRunning)));
-    let vm = std::thread::spawn(move || vmm.run());
+    let vm = std::thread::Builder::new()
+        .name("vmm-loop".into())
+        .spawn(move || vmm.run())
+        .unwrap();
     let printed = || out.0.lock().unwrap().len();
 
     wait_for("the guest to print", || printed() > 3);
+    let mut filtered = seccomp_of_threads();
+    filtered.sort();
+    assert_eq!(
+        filtered,
+        [
+            ("vcpu-stop".to_string(), 2),
+            ("vcpu0".to_string(), 2),
+            ("vcpu1".to_string(), 2),
+            ("vmm-loop".to_string(), 2)
+        ]
+    );
     handle.pause().expect("the vCPUs should pause");
     let at_pause = printed();
     std::thread::sleep(Duration::from_millis(300));
