@@ -395,6 +395,21 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
     Ok(code)
 }
 
+/// The VMM's seccomp mode: `default`, unless a developer sets
+/// `HULL_SECCOMP` to `log` (the kernel logs each call a filter would deny:
+/// `dmesg` or the audit log), `enforce` or `off`. The default is off for a
+/// VM run inside a bigger process (the filter of the thread that runs the
+/// VM stays on it), enforced in the VMM's own process.
+#[must_use]
+pub fn seccomp_mode(default: vmm::SeccompMode) -> vmm::SeccompMode {
+    match std::env::var("HULL_SECCOMP").as_deref() {
+        Ok("log") => vmm::SeccompMode::Log,
+        Ok("enforce") => vmm::SeccompMode::Enforce,
+        Ok("off") => vmm::SeccompMode::Off,
+        _ => default,
+    }
+}
+
 /// A VM ready to start, and what the monitor needs around it.
 pub struct PreparedVm {
     /// The VM, for its own process.

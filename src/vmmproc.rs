@@ -756,6 +756,7 @@ fn run_vm(
         net,
         exit_signal: Some(exit.clone()),
         boot_times: Some(times.clone()),
+        seccomp: crate::run::seccomp_mode(vmm::SeccompMode::Off),
     };
     // Build (every host file opened, every socket connected), confine, run.
     let vm = vmm::Vmm::build(config).map_err(|e| crate::error_chain(&e))?;
