@@ -256,3 +256,97 @@ fn bad_network_flags_are_one_line_errors_before_any_vm() {
     assert!(err.contains("apt-get install passt"), "{err}");
     drop(busy);
 }
+
+/// The VMM's seccomp filters (`HULL_SECCOMP`, here in the monitor's
+/// process) hold through a container's whole life: boot, the image disk
+/// and the scratch disk (virtio-blk), passt (virtio-net), a bind mount
+/// (virtio-fs), the entropy device, the control channel (virtio-console),
+/// `exec`, `stop`, and the guest's power-off. With `enforce`, a call outside
+/// a filter would end the monitor with the seccomp status and its line in
+/// monitor.log; `HULL_SECCOMP_TEST_MODE=log` lists instead what the kernel
+/// logged (for finding what a change needs).
+#[test]
+fn every_vmm_thread_keeps_to_its_seccomp_filter_through_a_containers_life() {
+    let mode = std::env::var("HULL_SECCOMP_TEST_MODE").unwrap_or_else(|_| "enforce".into());
+    let mut host = EmulatedHost::new()
+        .with_hull_runtime()
+        .host_env("HULL_NETWORK", "passt")
+        .host_env("HULL_SECCOMP", &mode)
+        .module("dummy")
+        .timeout(600)
+        .cpus(2);
+    for tool in ["/usr/bin/passt", "/usr/sbin/dnsmasq", "/usr/lib/qemu/virtiofsd"] {
+        for (src, dest) in tool_files(Path::new(tool)) {
+            host = host.file(src, &dest);
+        }
+    }
+    let inner = format!(
+        "{PRELUDE}{HOST_NETWORK}{}",
+        r#"
+mkdir -p /tmp/hostwww /tmp/share && echo host-page > /tmp/hostwww/index.html && echo from-host > /tmp/share/in
+httpd -p 127.0.0.1:8000 -h /tmp/hostwww
+dmesg -c >/dev/null 2>&1
+hull run --name one -v /tmp/share:/share busybox sh -c '
+  echo "fs-in=$(cat /share/in)"; echo from-guest > /share/out
+  dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null && sync && rm /big && echo blk=ok
+  echo "net=$(timeout 20 wget -q -O - http://host.hull.internal:8000/)"
+'
+echo one=$?
+echo "fs-out=$(cat /tmp/share/out)"
+hull run -d --name two -p 8080:80 busybox sh -c 'trap "exit 0" TERM; mkdir /www; echo container-page > /www/index.html; httpd -p 80 -h /www; while true; do sleep 1; done' >/dev/null
+echo two=$?
+echo "exec=$(hull exec two sh -c 'echo exec-ok')"
+# The filters are on every VMM thread of the running container's monitor.
+for t in /proc/[0-9]*/task/*; do
+  case "$(cat $t/comm 2>/dev/null)" in vcpu*|vmm) echo "thread: $(cat $t/comm) $(grep Seccomp: $t/status | tr -d ' \t')";; esac
+done
+for i in $(seq 1 60); do timeout 5 wget -q -O /tmp/page http://127.0.0.1:8080/ 2>/dev/null && break; sleep 1; done
+echo "published=$(cat /tmp/page 2>/dev/null)"
+hull stop -t 5 two >/dev/null; echo stop=$?
+echo "wait=$(hull wait two)"
+echo "audit=$(dmesg | grep -c 'type=1326')"
+dmesg | grep 'type=1326' | sed 's/.*comm="\([^"]*\)".*syscall=\([0-9]*\).*/\1 \2/' | sort | uniq -c | sed 's/^/denied: /'
+for f in /var/lib/hull/containers/*/monitor.log; do sed "s|^|monitor.log: |" $f; done
+"#
+    );
+    let script = format!(
+        "{PRELUDE}{NEW_ROOT}cat > /newroot/inner.sh <<'HULL_INNER_EOF'\n{inner}\nHULL_INNER_EOF\n{ENTER_NEW_ROOT}"
+    );
+    let run = host.run(&script);
+    println!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.stdout, run.stderr
+    );
+    run.assert_success();
+    let out = &run.stdout;
+    assert!(!out.contains("seccomp filter forbids"), "{out}");
+    let threads: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("thread: "))
+        .collect();
+    for name in ["vcpu0 ", "vcpu-stop ", "vmm "] {
+        assert!(
+            threads.iter().any(|t| t.starts_with(name)),
+            "no {name}thread: {out}"
+        );
+    }
+    assert!(
+        threads.iter().all(|t| t.ends_with(" Seccomp:2")),
+        "a VMM thread without its filter: {out}"
+    );
+    for (key, want) in [
+        ("one=", "0"),
+        ("fs-in=", "from-host"),
+        ("blk=", "ok"),
+        ("net=", "host-page"),
+        ("fs-out=", "from-guest"),
+        ("two=", "0"),
+        ("exec=", "exec-ok"),
+        ("published=", "container-page"),
+        ("stop=", "0"),
+        ("wait=", "0"),
+        ("audit=", "0"),
+    ] {
+        assert_eq!(value(out, key), Some(want), "{key} {out}");
+    }
+}
