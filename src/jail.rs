@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// another. 0x7000_0000 is far above any distribution's or subuid range.
 pub const JAIL_ID_BASE: u32 = 0x7000_0000;
 /// The exit status of a VMM killed by its seccomp filter.
-pub const EXIT_SECCOMP: i32 = 159;
+pub const EXIT_SECCOMP: i32 = vmm::seccomp::EXIT_SECCOMP;
 /// Memory the VMM itself needs beyond guest RAM (its own heap, queues,
 /// page tables, device buffers) in the cgroup's `memory.max`.
 const VMM_OVERHEAD_MIB: u64 = 128;

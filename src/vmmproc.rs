@@ -756,7 +756,7 @@ fn run_vm(
         net,
         exit_signal: Some(exit.clone()),
         boot_times: Some(times.clone()),
-        seccomp: crate::run::seccomp_mode(vmm::SeccompMode::Off),
+        seccomp: crate::run::seccomp_mode(vmm::SeccompMode::Enforce),
     };
     // Build (every host file opened, every socket connected), confine, run.
     let vm = vmm::Vmm::build(config).map_err(|e| crate::error_chain(&e))?;
@@ -764,10 +764,18 @@ fn run_vm(
         jail::enter(plan, &limits)
             .map_err(|e| format!("cannot confine the VMM: {}", crate::error_chain(&e)))?;
     }
-    // The monitor's commands, read by a thread of the jailed process.
+    // The monitor's commands, read by a thread of the jailed process (under
+    // its own seccomp filter).
+    let filters = vm.filters();
     std::thread::Builder::new()
         .name("vmm-commands".into())
-        .spawn(move || read_commands(commands, &exit))
+        .spawn(move || {
+            if let Err(e) = filters.install(vmm::seccomp::ThreadKind::Control) {
+                exit.exit(vmm::VmExit::Error(crate::error_chain(&e)));
+                return;
+            }
+            read_commands(commands, &exit);
+        })
         .map_err(|e| format!("cannot start the VMM's command thread: {e}"))?;
     vm.run().map_err(|e| crate::error_chain(&e))
 }

@@ -148,6 +148,7 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
             "CapInh:0000000000000000",
             "CapAmb:0000000000000000",
             "NoNewPrivs:1",
+            "Seccomp:2",
         ] {
             assert!(t.contains(want), "{t} lacks {want}: {out}");
         }
@@ -190,6 +191,7 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
             "CapEff:0000000000000000",
             "CapBnd:0000000000000000",
             "NoNewPrivs:1",
+            "Seccomp:2",
         ] {
             assert!(t.contains(want), "{t} lacks {want}: {out}");
         }

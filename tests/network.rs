@@ -257,14 +257,14 @@ fn bad_network_flags_are_one_line_errors_before_any_vm() {
     drop(busy);
 }
 
-/// The VMM's seccomp filters (`HULL_SECCOMP`, here in the monitor's
-/// process) hold through a container's whole life: boot, the image disk
+/// The seccomp filters of the VMM's process (enforced by default) hold
+/// through a container's whole life, on every one of its threads: boot, the image disk
 /// and the scratch disk (virtio-blk), passt (virtio-net), a bind mount
 /// (virtio-fs), the entropy device, the control channel (virtio-console),
-/// `exec`, `stop`, and the guest's power-off. With `enforce`, a call outside
-/// a filter would end the monitor with the seccomp status and its line in
-/// monitor.log; `HULL_SECCOMP_TEST_MODE=log` lists instead what the kernel
-/// logged (for finding what a change needs).
+/// `exec`, `stop`, and the guest's power-off. A call outside a filter would
+/// end the VMM with the seccomp status (its line in the container's error);
+/// `HULL_SECCOMP_TEST_MODE=log` lists instead what the kernel logged (for
+/// finding what a change needs).
 #[test]
 fn every_vmm_thread_keeps_to_its_seccomp_filter_through_a_containers_life() {
     let mode = std::env::var("HULL_SECCOMP_TEST_MODE").unwrap_or_else(|_| "enforce".into());
@@ -275,7 +275,11 @@ fn every_vmm_thread_keeps_to_its_seccomp_filter_through_a_containers_life() {
         .module("dummy")
         .timeout(600)
         .cpus(2);
-    for tool in ["/usr/bin/passt", "/usr/sbin/dnsmasq", "/usr/lib/qemu/virtiofsd"] {
+    for tool in [
+        "/usr/bin/passt",
+        "/usr/sbin/dnsmasq",
+        "/usr/lib/qemu/virtiofsd",
+    ] {
         for (src, dest) in tool_files(Path::new(tool)) {
             host = host.file(src, &dest);
         }
@@ -296,9 +300,11 @@ echo "fs-out=$(cat /tmp/share/out)"
 hull run -d --name two -p 8080:80 busybox sh -c 'trap "exit 0" TERM; mkdir /www; echo container-page > /www/index.html; httpd -p 80 -h /www; while true; do sleep 1; done' >/dev/null
 echo two=$?
 echo "exec=$(hull exec two sh -c 'echo exec-ok')"
-# The filters are on every VMM thread of the running container's monitor.
-for t in /proc/[0-9]*/task/*; do
-  case "$(cat $t/comm 2>/dev/null)" in vcpu*|vmm) echo "thread: $(cat $t/comm) $(grep Seccomp: $t/status | tr -d ' \t')";; esac
+# The filters are on every thread of the running container's VMM process.
+for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in *__vmm*)
+    for t in $p/task/*; do echo "thread: $(cat $t/comm) $(grep Seccomp: $t/status | tr -d ' \t')"; done;;
+  esac
 done
 for i in $(seq 1 60); do timeout 5 wget -q -O /tmp/page http://127.0.0.1:8080/ 2>/dev/null && break; sleep 1; done
 echo "published=$(cat /tmp/page 2>/dev/null)"
@@ -324,7 +330,7 @@ for f in /var/lib/hull/containers/*/monitor.log; do sed "s|^|monitor.log: |" $f;
         .lines()
         .filter_map(|l| l.trim().strip_prefix("thread: "))
         .collect();
-    for name in ["vcpu0 ", "vcpu-stop ", "vmm "] {
+    for name in ["vcpu0 ", "vcpu-stop ", "vmm-commands ", "hull "] {
         assert!(
             threads.iter().any(|t| t.starts_with(name)),
             "no {name}thread: {out}"

@@ -10,7 +10,9 @@
 //! thread just before the guest runs ([`crate::Vmm::run`]): a vCPU thread
 //! before its first `KVM_RUN`, the vCPU stopper when it starts, and the
 //! thread that calls `run` (the device event loop) once the others are
-//! started. The calling thread keeps its filter after `run` returns.
+//! started. The calling thread keeps its filter after `run` returns. A
+//! thread of the caller that serves the VM (hull's `__vmm` reads the
+//! monitor's commands in one) installs [`ThreadKind::Control`] itself.
 //!
 //! The sets were found by running containers (boot; virtio-blk, -net,
 //! -console, -rng and -fs traffic; `exec`; `stop`; reboot; a vCPU pause)
@@ -61,11 +63,14 @@ pub enum ThreadKind {
     EventLoop,
     /// The thread that stops the vCPUs when the VM ends.
     Stopper,
+    /// A thread of the VMM's owner that reads its commands from a pipe it
+    /// already holds and stops the VM (`Vmm::filters`).
+    Control,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [Self; 3] = [Self::Vcpu, Self::EventLoop, Self::Stopper];
+    pub const ALL: [Self; 4] = [Self::Vcpu, Self::EventLoop, Self::Stopper, Self::Control];
 
     /// The name the SIGSYS handler prints.
     #[must_use]
@@ -74,6 +79,7 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::EventLoop => "device event loop",
             Self::Stopper => "vcpu stopper",
+            Self::Control => "control",
         }
     }
 
@@ -82,6 +88,7 @@ impl ThreadKind {
             Self::Vcpu => 1,
             Self::EventLoop => 2,
             Self::Stopper => 3,
+            Self::Control => 4,
         }
     }
 
@@ -268,6 +275,9 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             rules.insert(libc::SYS_tkill, any_of(1, &[kick, abort])?);
             rules.insert(libc::SYS_tgkill, any_of(2, &[kick, abort])?);
         }
+        ThreadKind::Control => {
+            rules.insert(libc::SYS_read, Vec::new());
+        }
     }
     Ok(rules)
 }
@@ -315,6 +325,7 @@ pub struct Filters {
     vcpu: Option<BpfProgram>,
     event_loop: Option<BpfProgram>,
     stopper: Option<BpfProgram>,
+    control: Option<BpfProgram>,
 }
 
 impl Filters {
@@ -333,6 +344,7 @@ impl Filters {
             vcpu: compile(ThreadKind::Vcpu, mode)?,
             event_loop: compile(ThreadKind::EventLoop, mode)?,
             stopper: compile(ThreadKind::Stopper, mode)?,
+            control: compile(ThreadKind::Control, mode)?,
         })
     }
 
@@ -353,6 +365,7 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::EventLoop => &self.event_loop,
             ThreadKind::Stopper => &self.stopper,
+            ThreadKind::Control => &self.control,
         };
         let Some(program) = program else {
             return Ok(());

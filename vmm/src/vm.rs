@@ -388,6 +388,13 @@ impl Vmm {
         self.handle.clone()
     }
 
+    /// The seccomp filters of this VM's threads, for a thread of the caller
+    /// that serves the VM (it installs [`ThreadKind::Control`]).
+    #[must_use]
+    pub fn filters(&self) -> Arc<Filters> {
+        Arc::clone(&self.filters)
+    }
+
     /// Starts the vCPU threads and runs the device event loop on the calling
     /// thread until the VM stops; returns how it ended. Opens no host path.
     ///
