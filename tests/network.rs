@@ -330,7 +330,7 @@ for f in /var/lib/hull/containers/*/monitor.log; do sed "s|^|monitor.log: |" $f;
         .lines()
         .filter_map(|l| l.trim().strip_prefix("thread: "))
         .collect();
-    for name in ["vcpu0 ", "vcpu-stop ", "vmm-commands ", "hull "] {
+    for name in ["vcpu0 ", "vcpu-stop ", "vmm-commands "] {
         assert!(
             threads.iter().any(|t| t.starts_with(name)),
             "no {name}thread: {out}"

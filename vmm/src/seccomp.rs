@@ -167,9 +167,11 @@ fn signal(n: libc::c_int) -> u64 {
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
-/// What every VMM thread needs: memory (never executable), locks, signals
-/// and their return, time, sleeping, stderr, the end of the thread (and a
-/// panic's abort), and the SIGSYS handler's own calls.
+/// What every VMM thread needs: memory (never executable), locks (and the
+/// yield of a spinning channel), signals and their return, time, sleeping,
+/// stderr, the end of the thread (and a panic's abort), and the SIGSYS
+/// handler's own calls. `getrandom` seeds a `HashMap` a thread creates
+/// (logging may).
 fn common(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
     let no_exec = u64::try_from(libc::PROT_EXEC).unwrap_or(u64::MAX);
     for (nr, chain) in [
@@ -186,13 +188,8 @@ fn common(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
         (libc::SYS_sigaltstack, Vec::new()),
         (libc::SYS_clock_gettime, Vec::new()),
         (libc::SYS_clock_nanosleep, Vec::new()),
-        (libc::SYS_nanosleep, Vec::new()),
         (libc::SYS_getrandom, Vec::new()),
-        (libc::SYS_gettid, Vec::new()),
-        (libc::SYS_getpid, Vec::new()),
         (libc::SYS_write, Vec::new()),
-        (libc::SYS_writev, Vec::new()),
-        (libc::SYS_close, Vec::new()),
         (libc::SYS_exit, Vec::new()),
         (libc::SYS_exit_group, Vec::new()),
         // abort() after a panic raises SIGABRT at this thread.
@@ -204,16 +201,10 @@ fn common(rules: &mut Rules) -> Result<(), seccompiler::BackendError> {
     Ok(())
 }
 
-/// fcntl commands the devices use (duplicating and flagging descriptors).
-fn fcntl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    let cmds = [
-        libc::F_DUPFD_CLOEXEC,
-        libc::F_GETFD,
-        libc::F_SETFD,
-        libc::F_GETFL,
-        libc::F_SETFL,
-    ];
-    let cmds: Vec<u64> = cmds.into_iter().map(signal).collect();
+/// fcntl commands `cmds` only. (`F_GETFD` is also how Rust's debug builds
+/// check that a descriptor they close is open.)
+fn fcntl_rules(cmds: &[libc::c_int]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let cmds: Vec<u64> = cmds.iter().copied().map(signal).collect();
     any_of(1, &cmds)
 }
 
@@ -227,10 +218,14 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_ioctl,
                     any_of(1, &[KVM_RUN, KVM_GET_MP_STATE, KVM_GET_REGS])?,
                 ),
-                // Device registers: eventfd reads and writes (interrupts,
-                // wake-ups), a queue event duplicated at activation.
-                (libc::SYS_read, Vec::new()),
-                (libc::SYS_fcntl, fcntl_rules()?),
+                // A queue event duplicated at a device's activation (and
+                // closed at its reset, and the vCPU's own at the end); musl
+                // sets FD_CLOEXEC again after F_DUPFD_CLOEXEC.
+                (
+                    libc::SYS_fcntl,
+                    fcntl_rules(&[libc::F_DUPFD_CLOEXEC, libc::F_SETFD, libc::F_GETFD])?,
+                ),
+                (libc::SYS_close, Vec::new()),
             ] {
                 rules.insert(nr, chain);
             }
@@ -242,21 +237,25 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                 (libc::SYS_epoll_pwait, Vec::new()),
                 (libc::SYS_epoll_ctl, Vec::new()),
                 (libc::SYS_read, Vec::new()),
-                (libc::SYS_readv, Vec::new()),
-                (libc::SYS_pread64, Vec::new()),
-                (libc::SYS_preadv, Vec::new()),
-                (libc::SYS_pwrite64, Vec::new()),
-                (libc::SYS_pwritev, Vec::new()),
+                // virtio-blk: seek, read, write, flush.
                 (libc::SYS_lseek, Vec::new()),
-                (libc::SYS_fsync, Vec::new()),
                 (libc::SYS_fdatasync, Vec::new()),
-                (libc::SYS_fcntl, fcntl_rules()?),
+                (
+                    libc::SYS_fcntl,
+                    fcntl_rules(&[
+                        libc::F_DUPFD_CLOEXEC,
+                        libc::F_GETFD,
+                        libc::F_SETFD,
+                        libc::F_GETFL,
+                        libc::F_SETFL,
+                    ])?,
+                ),
                 // Unix streams: the control channel, passt, vhost-user.
                 (libc::SYS_sendmsg, Vec::new()),
                 (libc::SYS_recvmsg, Vec::new()),
                 (libc::SYS_sendto, Vec::new()),
                 (libc::SYS_recvfrom, Vec::new()),
-                (libc::SYS_shutdown, Vec::new()),
+                // The control channel's last words: blocking, with a timeout.
                 (libc::SYS_ioctl, any_of(1, &[fionbio])?),
                 (
                     libc::SYS_setsockopt,
@@ -265,11 +264,13 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                         cond(2, SeccompCmpOp::Eq, signal(libc::SO_SNDTIMEO))?,
                     ])?],
                 ),
+                (libc::SYS_close, Vec::new()),
             ] {
                 rules.insert(nr, chain);
             }
         }
         ThreadKind::Stopper => {
+            // Kicks (pthread_kill) and the abort of a panic.
             let kick = signal(vmm_sys_util::signal::SIGRTMIN());
             let abort = signal(libc::SIGABRT);
             rules.insert(libc::SYS_tkill, any_of(1, &[kick, abort])?);
@@ -277,6 +278,8 @@ fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
         }
         ThreadKind::Control => {
             rules.insert(libc::SYS_read, Vec::new());
+            rules.insert(libc::SYS_close, Vec::new());
+            rules.insert(libc::SYS_fcntl, fcntl_rules(&[libc::F_GETFD])?);
         }
     }
     Ok(rules)
