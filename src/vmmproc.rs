@@ -780,21 +780,17 @@ fn run_vm(
     vm.run().map_err(|e| crate::error_chain(&e))
 }
 
-/// Test-only hook, honoured by `hull __vmm` alone: this many seconds after
-/// the guest starts, the VMM's command thread makes a system call outside
-/// its seccomp filter (`socket(2)`; it reads no command before), so that
-/// tests can see a VMM killed by its filter and the container's record
-/// saying why. Never set it otherwise.
+/// Test-only hook, honoured by `hull __vmm` alone: set to `1`, the VMM's
+/// command thread makes a system call outside its seccomp filter
+/// (`socket(2)`) as soon as it starts (the VM built and jailed, the guest
+/// starting), so that tests can see a VMM killed by its filter and the
+/// container's record saying why. Never set it otherwise.
 pub const TEST_SECCOMP_VIOLATION: &str = "HULL_TEST_VMM_SECCOMP_VIOLATION";
 
 /// The monitor's commands on stdin, until its end of file. Blocking reads
 /// only (the command thread's seccomp filter allows little more).
 fn read_commands(mut from: BufReader<File>, exit: &vmm::ExitSignal) {
-    if let Some(secs) = std::env::var(TEST_SECCOMP_VIOLATION)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_secs(secs));
+    if std::env::var(TEST_SECCOMP_VIOLATION).is_ok_and(|v| v == "1") {
         // SAFETY: a plain system call (one the filter forbids).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         tracing::warn!("vmm: the test hook's socket(2) was allowed ({fd})");

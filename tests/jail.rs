@@ -52,6 +52,10 @@ fn the_vmm_runs_jailed_dies_visibly_and_runs_rootless() {
 mount -t cgroup2 none /sys/fs/cgroup && echo cgroup2=mounted
 hull run -d --name jailed --memory 256m --cpus 1 busybox sleep 1000 >/dev/null; echo "run=$?"
 v=$(vmm_of jailed)
+# A VMM made (test-only hook) to call socket(2), outside its seccomp filter (the
+# image's disk is built by now: the hook would end that build's VMM too).
+HULL_TEST_VMM_SECCOMP_VIOLATION=1 hull run -d --name violator --memory 256m busybox sleep 1000 >/dev/null
+echo "violator-run=$?"
 m=$(hull inspect jailed | grep '"Pid"' | tr -dc 0-9)
 echo "vmm-found=${v:+yes}"
 for ns in mnt pid net ipc uts; do
@@ -83,6 +87,10 @@ for i in $(seq 1 30); do hull ps -a | grep ' jailed$' | grep -q Exited && break;
 hull ps -a | grep ' jailed$'
 hull inspect jailed | grep '"Error"'
 echo "cgroup-left=$(find /sys/fs/cgroup/hull -mindepth 1 -type d | wc -l)"
+
+for i in $(seq 1 90); do hull ps -a | grep ' violator$' | grep -q Exited && break; sleep 1; done
+hull ps -a | grep ' violator$' | sed 's/^/violator-ps: /'
+hull inspect violator | grep '"Error"' | sed 's/^ */violator-error: /'
 
 # Rootless: a normal user in group kvm.
 echo 'kvm:x:994:' >> /etc/group
@@ -172,6 +180,15 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
     assert_eq!(value(out, "debug-output="), Some("1"), "{out}");
     run.assert_stdout_contains("the VMM process was killed by signal 9");
     assert_eq!(value(out, "cgroup-left="), Some("0"), "{out}");
+
+    assert_eq!(value(out, "violator-run="), Some("0"), "{out}");
+    let ps = value(out, "violator-ps:").unwrap_or_default();
+    assert!(ps.contains("Exited (125)"), "{out}");
+    let error = value(out, "violator-error:").unwrap_or_default();
+    assert!(
+        error.contains("seccomp filter forbids") && error.contains("system call 41"),
+        "the record names the seccomp kill and socket(2): {out}"
+    );
 
     run.assert_stdout_contains("rootless-hello");
     assert_eq!(value(out, "rootless-run="), Some("0"), "{out}");
