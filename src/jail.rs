@@ -427,6 +427,111 @@ fn set_limit(resource: libc::c_int, value: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
+
+    /// What a jailed process sees of itself, from system calls alone (it
+    /// has no /proc).
+    fn inside() -> String {
+        let mut out = String::new();
+        // SAFETY: plain queries on valid out pointers.
+        unsafe {
+            out += &format!("uid={} gid={} ", libc::getuid(), libc::getgid());
+            out += &format!("groups={} ", libc::getgroups(0, std::ptr::null_mut()));
+            out += &format!(
+                "nnp={} ",
+                libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
+            );
+            let bounding = (0..41)
+                .filter(|&c| libc::prctl(libc::PR_CAPBSET_READ, c, 0, 0, 0) == 1)
+                .count();
+            out += &format!("bounding={bounding} ");
+            let mut hdr = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let mut data = [CapData::default(); 2];
+            libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr());
+            let caps = data
+                .iter()
+                .map(|d| d.effective | d.permitted | d.inheritable)
+                .fold(0, |a, b| a | b);
+            out += &format!("caps={caps} ");
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_FSIZE, &mut l);
+            out += &format!("fsize={} ", l.rlim_max);
+        }
+        let root: Vec<_> = std::fs::read_dir("/")
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        out += &format!("root={root:?} ");
+        out += &format!("etc={} ", std::path::Path::new("/etc/passwd").exists());
+        let made = std::fs::create_dir("/x").map_err(|e| e.raw_os_error());
+        out += &format!("mkdir={made:?} ");
+        out
+    }
+
+    #[test]
+    fn a_jailed_process_has_an_empty_root_no_privileges_and_its_own_ids() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: entering the jail as root needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let plan = JailPlan {
+            root: dir.path().join("jail"),
+            ids: Some((jail_id("abcdef"), jail_id("abcdef"))),
+            cgroup: None,
+        };
+        std::fs::create_dir(&plan.root).unwrap();
+        let limits = Limits {
+            fsize: 1 << 20,
+            nproc: 4,
+        };
+        let mut fds = [0; 2];
+        // SAFETY: room for two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only enters the jail, reports and _exits (musl's
+        // fork leaves its allocator usable in the child).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let report = match enter(&plan, &limits) {
+                Ok(()) => inside(),
+                Err(e) => format!("enter failed: {e}"),
+            };
+            // SAFETY: writes the report to the pipe, then ends the child.
+            unsafe {
+                libc::write(fds[1], report.as_ptr().cast(), report.len());
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: our end of the pipe, closed once.
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: the read end, owned here from now on.
+        let mut from = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut from, &mut report).unwrap();
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let id = jail_id("abcdef");
+        for want in [
+            format!("uid={id} gid={id} "),
+            "groups=0 ".into(),
+            "nnp=1 ".into(),
+            "bounding=0 ".into(),
+            "caps=0 ".into(),
+            "fsize=1048576 ".into(),
+            "root=[] ".into(),
+            "etc=false ".into(),
+            format!("mkdir=Err(Some({})) ", libc::EROFS),
+        ] {
+            assert!(report.contains(&want), "{want:?} not in {report:?}");
+        }
+    }
 
     #[test]
     fn each_container_has_its_own_ids() {
