@@ -178,7 +178,7 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
         net: None,
         exit_signal: None,
         boot_times: None,
-        seccomp: crate::run::seccomp_mode(vmm::SeccompMode::Off),
+        seccomp: crate::vmmproc::seccomp_mode(vmm::SeccompMode::Off),
     };
     let exit = vmm::run(config)?;
     if exit.is_clean() {

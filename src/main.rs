@@ -23,6 +23,7 @@ mod session;
 mod tty;
 mod virtiofs;
 mod vmmproc;
+mod vmprep;
 mod volume;
 
 use std::process::ExitCode;

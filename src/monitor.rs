@@ -628,7 +628,7 @@ fn run_locked(
             container.config.image
         )
     })?;
-    let prepared = crate::run::prepare_vm(store, &image, container, debug)?;
+    let prepared = crate::vmprep::prepare_vm(store, &image, container, debug)?;
     let socket = socket_path(store.root(), &container.config.id);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -643,7 +643,7 @@ fn run_locked(
         s.pid = Some(std::process::id());
         s.started = Some(now());
     })?;
-    let crate::run::PreparedVm {
+    let crate::vmprep::PreparedVm {
         vm,
         spec_json,
         host_end,

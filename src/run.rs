@@ -1,9 +1,11 @@
 //! `hull run`: an OCI image's command in a fresh microVM.
 //!
-//! The flow is one-way: resolve the image in the store (pulling it if need
-//! be), turn its config and the user's flags into a run spec (docker's
-//! rules), prepare disks, boot the VM, and relay the container's stdio until
-//! the guest init reports how it ended.
+//! The CLI's side of a start, one way: resolve the image in the store
+//! (pulling it if need be), turn its config and the user's flags into a run
+//! spec (docker's rules), record the container, start its monitor process,
+//! and relay the container's stdio until the guest init reports how it
+//! ended. The monitor's side (the VM's disks, servers and backends) is
+//! [`crate::vmprep`].
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -17,7 +19,7 @@ use images::{Image, PullOptions, Store};
 use crate::cli::RunArgs;
 use crate::container::{self, files, generated_name, Container, ContainerConfig, Containers};
 use crate::flags::{parse_cpus, parse_memory, usage};
-use crate::{disks, guest, imagedisk};
+use crate::{guest, imagedisk};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -393,118 +395,6 @@ pub fn run(args: &RunArgs, debug: bool) -> Result<i32> {
         eprintln!("hull: timing: total {} ms", started.elapsed().as_millis());
     }
     Ok(code)
-}
-
-/// The VMM's seccomp mode: `default`, unless a developer sets
-/// `HULL_SECCOMP` to `log` (the kernel logs each call a filter would deny:
-/// `dmesg` or the audit log), `enforce` or `off`. The default is off for a
-/// VM run inside a bigger process (the filter of the thread that runs the
-/// VM stays on it), enforced in the VMM's own process.
-#[must_use]
-pub fn seccomp_mode(default: vmm::SeccompMode) -> vmm::SeccompMode {
-    match std::env::var("HULL_SECCOMP").as_deref() {
-        Ok("log") => vmm::SeccompMode::Log,
-        Ok("enforce") => vmm::SeccompMode::Enforce,
-        Ok("off") => vmm::SeccompMode::Off,
-        _ => default,
-    }
-}
-
-/// A VM ready to start, and what the monitor needs around it.
-pub struct PreparedVm {
-    /// The VM, for its own process.
-    pub vm: crate::vmmproc::Launch,
-    /// The run spec for the init.
-    pub spec_json: Vec<u8>,
-    /// The host end of the control stream.
-    pub host_end: UnixStream,
-    /// The container's passt, if it has one (killed when dropped).
-    pub passt: Option<crate::network::Passt>,
-    /// The container's named volumes, held while it runs.
-    pub volumes: Vec<crate::volume::InUse>,
-    /// The virtio-fs servers of its bind mounts (stopped when dropped).
-    pub shares: Vec<crate::virtiofs::Server>,
-}
-
-/// Prepares `container`'s VM: kernel, initramfs, the image disk (read-only;
-/// built first if it went missing since the container was created), scratch
-/// disk, console log.
-///
-/// # Errors
-/// A file could not be prepared.
-pub fn prepare_vm(
-    store: &Store,
-    image: &Image,
-    container: &Container,
-    debug: bool,
-) -> Result<PreparedVm> {
-    let initrd = guest::initramfs(&guest::init_binary()?, &store.root().join("cache"))?;
-    let image_disk = imagedisk::ensure(store, image, &container.config.kernel, debug)?;
-    let scratch = container.path(files::SCRATCH);
-    disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
-    let mounts = crate::volume::prepare(store.root(), &container.config.mounts)?;
-    let (shares, shares_cfg) = crate::virtiofs::start_all(
-        &store.root().join("run"),
-        &container.dir,
-        container.short_id(),
-        &mounts.shares,
-    )?;
-    let mut disks_cfg = vec![
-        vmm::DiskConfig {
-            path: image_disk,
-            read_only: true,
-            serial: IMAGE_DISK_SERIAL.into(),
-            then: Vec::new(),
-        },
-        vmm::DiskConfig {
-            path: scratch,
-            read_only: false,
-            serial: SCRATCH_DISK_SERIAL.into(),
-            then: Vec::new(),
-        },
-    ];
-    disks_cfg.extend(mounts.disks);
-    let console = if debug {
-        None
-    } else {
-        Some(std::fs::File::create(container.path(files::CONSOLE))?)
-    };
-    let (host_end, guest_end) = UnixStream::pair()?;
-    let (net, passt) = crate::network::prepare(container.config.network.as_ref())?;
-    let jail = if crate::jail::enabled() {
-        Some(crate::jail::plan(
-            &container.dir,
-            &container.config.id,
-            container.config.memory_mib,
-            container.config.spec.security.cpu_millis,
-        )?)
-    } else {
-        tracing::debug!("jail: HULL_JAIL=off: the VMM runs unconfined");
-        None
-    };
-    let vm = crate::vmmproc::Launch {
-        boot: vmm::BootSource {
-            kernel: container.config.kernel.clone(),
-            initrd: Some(initrd),
-            cmdline: crate::guest::CONTAINER_CMDLINE.into(),
-        },
-        memory_mib: container.config.memory_mib,
-        cpus: container.config.cpus,
-        console,
-        disks: disks_cfg,
-        shares: shares_cfg,
-        control: guest_end,
-        net,
-        jail,
-    };
-    Ok(PreparedVm {
-        vm,
-        spec_json: serde_json::to_vec(&container.config.spec)?,
-        host_end,
-        passt,
-        volumes: mounts.held,
-        shares,
-    })
 }
 
 #[cfg(test)]

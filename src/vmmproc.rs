@@ -756,7 +756,7 @@ fn run_vm(
         net,
         exit_signal: Some(exit.clone()),
         boot_times: Some(times.clone()),
-        seccomp: crate::run::seccomp_mode(vmm::SeccompMode::Enforce),
+        seccomp: seccomp_mode(vmm::SeccompMode::Enforce),
     };
     // Build (every host file opened, every socket connected), confine, run.
     let vm = vmm::Vmm::build(config).map_err(|e| crate::error_chain(&e))?;
@@ -810,6 +810,21 @@ fn read_commands(mut from: BufReader<File>, exit: &vmm::ExitSignal) {
                 Err(e) => tracing::warn!("vmm: bad command from the monitor: {e}"),
             },
         }
+    }
+}
+
+/// The VMM's seccomp mode: `default`, unless a developer sets
+/// `HULL_SECCOMP` to `log` (the kernel logs each call a filter would deny:
+/// `dmesg` or the audit log), `enforce` or `off`. The default is off for a
+/// VM run inside a bigger process (the filter of the thread that runs the
+/// VM stays on it), enforced in the VMM's own process.
+#[must_use]
+pub fn seccomp_mode(default: vmm::SeccompMode) -> vmm::SeccompMode {
+    match std::env::var("HULL_SECCOMP").as_deref() {
+        Ok("log") => vmm::SeccompMode::Log,
+        Ok("enforce") => vmm::SeccompMode::Enforce,
+        Ok("off") => vmm::SeccompMode::Off,
+        _ => default,
     }
 }
 
