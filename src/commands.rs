@@ -266,19 +266,8 @@ fn exec(args: &ExecArgs, debug: bool) -> Result<ExitCode> {
     }
 }
 
-/// How long since `secs`, docker style ("5 seconds", "3 minutes").
-pub(crate) fn since(secs: u64) -> String {
-    let d = crate::container::now().saturating_sub(secs);
-    match d {
-        0..=59 => format!("{d} seconds"),
-        60..=3599 => format!("{} minutes", d / 60),
-        3600..=86_399 => format!("{} hours", d / 3600),
-        _ => format!("{} days", d / 86_400),
-    }
-}
-
 fn ago(secs: u64) -> String {
-    format!("{} ago", since(secs))
+    format!("{} ago", crate::container::since(secs))
 }
 
 fn ps(args: &PsArgs) -> Result<ExitCode> {
@@ -301,7 +290,10 @@ fn ps(args: &PsArgs) -> Result<ExitCode> {
         }
         let status = match state.status {
             Status::Created => "Created".to_string(),
-            Status::Running => format!("Up {}", since(state.started.unwrap_or(c.config.created))),
+            Status::Running => format!(
+                "Up {}",
+                crate::container::since(state.started.unwrap_or(c.config.created))
+            ),
             Status::Exited => format!(
                 "Exited ({}) {}",
                 state.exit_code.unwrap_or(-1),

@@ -553,6 +553,17 @@ pub struct BindIdentity {
     pub ino: u64,
 }
 
+/// How long since `secs`, docker style ("5 seconds", "3 minutes").
+pub fn since(secs: u64) -> String {
+    let d = now().saturating_sub(secs);
+    match d {
+        0..=59 => format!("{d} seconds"),
+        60..=3599 => format!("{} minutes", d / 60),
+        3600..=86_399 => format!("{} hours", d / 3600),
+        _ => format!("{} days", d / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

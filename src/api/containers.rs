@@ -361,12 +361,12 @@ fn status_text(c: &Container, st: &State) -> String {
         Status::Created => "Created".into(),
         Status::Running => format!(
             "Up {}",
-            crate::commands::since(st.started.unwrap_or(c.config.created))
+            crate::container::since(st.started.unwrap_or(c.config.created))
         ),
         Status::Exited => format!(
             "Exited ({}) {} ago",
             st.exit_code.unwrap_or(-1),
-            crate::commands::since(st.finished.unwrap_or(c.config.created))
+            crate::container::since(st.finished.unwrap_or(c.config.created))
         ),
     }
 }
