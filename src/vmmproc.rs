@@ -390,7 +390,11 @@ pub fn spawn(launch: Launch, debug: bool) -> Result<VmmProcess, VmmProcessError>
         argv.push(cstring(b"--debug".to_vec())?);
     }
     argv.push(cstring(b"__vmm".to_vec())?);
+    // Only hull's own settings and what a process needs to run: nothing
+    // else the user exported (proxy or registry credentials, tokens) is
+    // within reach of a guest that broke into the VMM.
     let envp = std::env::vars_os()
+        .filter(|(k, _)| passes_to_vmm(k))
         .map(|(k, v)| {
             let mut kv: OsString = k;
             kv.push("=");
@@ -828,9 +832,36 @@ pub fn seccomp_mode(default: vmm::SeccompMode) -> vmm::SeccompMode {
     }
 }
 
+/// Whether the environment variable `key` is passed to the VMM's process:
+/// hull's own (`HULL_*`: settings, never secrets) and the basics.
+fn passes_to_vmm(key: &std::ffi::OsStr) -> bool {
+    let key = key.to_string_lossy();
+    key.starts_with("HULL_")
+        || matches!(
+            key.as_ref(),
+            "PATH" | "RUST_BACKTRACE" | "RUST_LIB_BACKTRACE" | "LANG" | "LC_ALL" | "TZ"
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_hulls_settings_and_the_basics_reach_the_vmm() {
+        for key in ["HULL_SECCOMP", "HULL_LOG", "PATH", "RUST_BACKTRACE"] {
+            assert!(passes_to_vmm(std::ffi::OsStr::new(key)), "{key}");
+        }
+        for key in [
+            "HTTPS_PROXY",
+            "AWS_SECRET_ACCESS_KEY",
+            "DOCKER_AUTH_CONFIG",
+            "HOME",
+            "XHULL_X",
+        ] {
+            assert!(!passes_to_vmm(std::ffi::OsStr::new(key)), "{key}");
+        }
+    }
 
     #[test]
     fn a_dead_vmm_is_described() {

@@ -136,17 +136,28 @@ pub fn events(api: &Arc<Api>, query: &Query) -> ApiResult {
     let filters = super::parse_filters(query.get("filters"))?;
     let (response, tx) = streaming("application/json");
     let api = api.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut before = snapshot(&api);
+    // An async task: a stream holds no thread while it waits (on the poll or
+    // on a slow client); only each snapshot of the records is a short
+    // blocking job.
+    tokio::spawn(async move {
+        let take = |api: &Arc<Api>| {
+            let api = api.clone();
+            tokio::task::spawn_blocking(move || snapshot(&api))
+        };
+        let Ok(mut before) = take(&api).await else {
+            return;
+        };
         let mut pending = since.map(|s| replay(&before, s)).unwrap_or_default();
         loop {
             if tx.is_closed() || until.is_some_and(|u| crate::container::now() > u) {
                 return;
             }
             if pending.is_empty() {
-                std::thread::sleep(POLL);
+                tokio::time::sleep(POLL).await;
             }
-            let after = snapshot(&api);
+            let Ok(after) = take(&api).await else {
+                return;
+            };
             pending.extend(diff(&before, &after));
             for e in std::mem::take(&mut pending) {
                 let keep = filters.iter().all(|(k, v)| match k.as_str() {
@@ -160,7 +171,7 @@ pub fn events(api: &Arc<Api>, query: &Query) -> ApiResult {
                     }
                     _ => true,
                 });
-                if keep && tx.blocking_send(json_line(&e)).is_err() {
+                if keep && tx.send(json_line(&e)).await.is_err() {
                     return;
                 }
             }

@@ -240,6 +240,15 @@ pub async fn prune(api: Arc<Api>) -> ApiResult {
     }))
 }
 
+/// A spooled upload's file, removed when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `POST /images/load`: the archive is spooled to the store's tmp (bounded)
 /// and loaded as `hull load` does.
 pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResult {
@@ -249,6 +258,9 @@ pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResul
         crate::container::new_id().map_err(|e| ApiError::internal(e.as_ref()))?
     ));
     let mut file = std::fs::File::create(&path).map_err(|e| ApiError::internal(&e))?;
+    // Removed however this ends, also when the client goes away mid-upload
+    // (hyper then drops this future).
+    let _spool = RemoveOnDrop(path.clone());
     let mut total: u64 = 0;
     let result: Result<(), ApiError> = async {
         while let Some(frame) = body.frame().await {
@@ -269,10 +281,7 @@ pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResul
     }
     .await;
     drop(file);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
-    }
+    result?;
     let loaded = {
         let path = path.clone();
         blocking(move || {
@@ -282,7 +291,6 @@ pub async fn load(api: Arc<Api>, _query: &Query, mut body: Incoming) -> ApiResul
         })
         .await
     };
-    let _ = std::fs::remove_file(&path);
     let loaded = loaded?;
     let mut lines = Vec::new();
     for image in &loaded {

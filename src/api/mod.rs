@@ -599,8 +599,15 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Whoever can connect controls hull: the socket is created 0660 (the
+    // umask covers the window before the chmod; the server starts nothing
+    // else that creates files until it is bound).
+    // SAFETY: plain call; it changes only this process's file mode mask.
+    let old_mask = unsafe { libc::umask(0o117) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the mask read there.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
@@ -671,7 +678,14 @@ pub fn serve(args: &ServiceArgs, debug: bool) -> Result<()> {
         };
         eprintln!("hull: Docker Engine API on unix://{}", socket.display());
         if let Some(t) = &tcp {
-            eprintln!("hull: and on tcp://{}", t.local_addr()?);
+            let addr = t.local_addr()?;
+            eprintln!("hull: and on tcp://{addr}");
+            if !addr.ip().is_loopback() {
+                eprintln!(
+                    "hull: warning: tcp://{addr} has no authentication and no encryption: \
+                     whoever reaches it controls hull and its containers"
+                );
+            }
         }
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
