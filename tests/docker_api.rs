@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    install_busybox, stripped, EmulatedHost, OciImage, Registry, ENTER_NEW_ROOT, NEW_ROOT,
+    install_busybox, stripped, tool_files, EmulatedHost, OciImage, Registry, ENTER_NEW_ROOT,
+    NEW_ROOT,
 };
 
 const DOCKER: &str = "/usr/local/bin/docker";
@@ -45,27 +46,6 @@ fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     out.lines()
         .find_map(|l| l.trim().strip_prefix(key))
         .map(str::trim)
-}
-
-/// `binary` and its shared libraries as (file here, path there) (`ldd`).
-fn tool_files(binary: &Path) -> Vec<(PathBuf, String)> {
-    assert!(
-        binary.is_file(),
-        "{} is missing: ./dev setup installs it",
-        binary.display()
-    );
-    let mut files = vec![(binary.to_path_buf(), binary.display().to_string())];
-    let out = Command::new("ldd").arg(binary).output().unwrap();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            files.push((PathBuf::from(path), path.to_owned()));
-        }
-    }
-    files
 }
 
 /// A registry's storage holding `bbpull:latest` (busybox and /marker),
@@ -107,9 +87,7 @@ fn the_docker_cli_drives_hull() {
             "/etc/ssl/certs/ca-certificates.crt",
         );
     for tool in ["/usr/bin/passt", "/usr/bin/docker-registry"] {
-        for (src, dest) in tool_files(Path::new(tool)) {
-            host = host.file(src, &dest);
-        }
+        host = host.tool(tool, tool);
     }
     let inner = format!(
         "{PRELUDE}{HOST_NETWORK}{START_SERVICE}{}",
@@ -302,7 +280,7 @@ fn stage_compose(dir: &Path) -> Vec<(PathBuf, String)> {
     ));
     // The interpreter, the script, and the libraries of the interpreter and
     // of the extension modules.
-    let mut files = tool_files(Path::new("/usr/bin/python3.11"));
+    let mut files = tool_files(Path::new("/usr/bin/python3.11"), "/usr/bin/python3.11");
     files.push((
         PathBuf::from("/usr/bin/docker-compose"),
         "/usr/bin/docker-compose".into(),
@@ -313,7 +291,7 @@ fn stage_compose(dir: &Path) -> Vec<(PathBuf, String)> {
         .output()
         .unwrap();
     for so in String::from_utf8_lossy(&found.stdout).lines() {
-        for (src, dest) in tool_files(Path::new(so)).into_iter().skip(1) {
+        for (src, dest) in tool_files(Path::new(so), so).into_iter().skip(1) {
             if !files.iter().any(|(_, d)| *d == dest) {
                 files.push((src, dest));
             }
@@ -357,7 +335,7 @@ fn compose_brings_a_project_up_and_down() {
         .cpus(2)
         .mem(3072)
         .dir(tmp.path().join("root/usr"), "/usr");
-    for (src, dest) in tool_files(Path::new("/usr/bin/passt"))
+    for (src, dest) in tool_files(Path::new("/usr/bin/passt"), "/usr/bin/passt")
         .into_iter()
         .chain(extra)
     {

@@ -11,10 +11,10 @@ mod common;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{hull_bin, EmulatedHost, ENTER_NEW_ROOT, NEW_ROOT};
+use common::{hull_bin, tool_files, EmulatedHost, ENTER_NEW_ROOT, NEW_ROOT};
 
 const PRELUDE: &str =
     "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
@@ -39,28 +39,6 @@ dnsmasq -k --no-resolv --no-hosts --addn-hosts=/tmp/dnshosts --listen-address=12
     --bind-interfaces --port=53 --user=root --pid-file= 2>/tmp/dnsmasq.log &
 "#;
 
-/// `binary` and the shared libraries `ldd` lists for it (with the dynamic
-/// loader), as (file here, path there), each at its own path.
-fn tool_files(binary: &Path) -> Vec<(PathBuf, String)> {
-    assert!(
-        binary.is_file(),
-        "{} is missing: ./dev setup installs it",
-        binary.display()
-    );
-    let mut files = vec![(binary.to_path_buf(), binary.display().to_string())];
-    let out = Command::new("ldd").arg(binary).output().unwrap();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            files.push((PathBuf::from(path), path.to_owned()));
-        }
-    }
-    files
-}
-
 /// Shell lines that build image `nettools`: busybox and the listed host
 /// binaries with their libraries (already copied into the emulated host).
 fn image_script(tools: &[&str]) -> String {
@@ -70,7 +48,7 @@ fn image_script(tools: &[&str]) -> String {
          for a in $(busybox --list); do [ -e /tmp/img/bin/$a ] || ln -s busybox /tmp/img/bin/$a; done\n",
     );
     for tool in tools {
-        for (_, dest) in tool_files(Path::new(tool)) {
+        for (_, dest) in tool_files(Path::new(tool), tool) {
             let dir = Path::new(&dest).parent().unwrap().display().to_string();
             writeln!(s, "mkdir -p /tmp/img{dir} && cp {dest} /tmp/img{dest}").unwrap();
         }
@@ -90,9 +68,7 @@ fn passt_network_publish_host_services_dns_and_none() {
         .timeout(600)
         .cpus(2);
     for tool in ["/usr/bin/passt", "/usr/sbin/dnsmasq", "/usr/bin/socat"] {
-        for (src, dest) in tool_files(Path::new(tool)) {
-            host = host.file(src, &dest);
-        }
+        host = host.tool(tool, tool);
     }
     let inner = format!(
         "{PRELUDE}{HOST_NETWORK}{}{}",
@@ -280,9 +256,7 @@ fn every_vmm_thread_keeps_to_its_seccomp_filter_through_a_containers_life() {
         "/usr/sbin/dnsmasq",
         "/usr/lib/qemu/virtiofsd",
     ] {
-        for (src, dest) in tool_files(Path::new(tool)) {
-            host = host.file(src, &dest);
-        }
+        host = host.tool(tool, tool);
     }
     let inner = format!(
         "{PRELUDE}{HOST_NETWORK}{}",
