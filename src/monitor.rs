@@ -93,27 +93,36 @@ struct Client {
     stream: UnixStream,
     decoder: FrameDecoder,
     out: Vec<u8>,
+    /// Bytes at the front of `out` already written.
+    sent: usize,
     role: Role,
     gone: bool,
 }
 
 impl Client {
     fn send(&mut self, frame: &Frame) {
-        if let Ok(bytes) = frame.encode() {
-            self.out.extend_from_slice(&bytes);
-            if self.out.len() > CLIENT_QUEUE_MAX {
-                tracing::warn!("monitor: dropping a client that does not read");
-                self.gone = true;
-            }
+        if frame.encode_into(&mut self.out).is_ok() && self.out.len() > CLIENT_QUEUE_MAX {
+            tracing::warn!("monitor: dropping a client that does not read");
+            self.gone = true;
         }
     }
 
     fn flush(&mut self) {
         while !self.out.is_empty() && !self.gone {
-            match self.stream.write(&self.out) {
+            match self.stream.write(&self.out[self.sent..]) {
                 Ok(0) => self.gone = true,
                 Ok(n) => {
-                    self.out.drain(..n);
+                    // What was written is dropped at once only when all is:
+                    // dropping the front of a long queue after every
+                    // partial write would move the rest each time.
+                    self.sent += n;
+                    if self.sent >= self.out.len() {
+                        self.out.clear();
+                        self.sent = 0;
+                    } else if self.sent >= self.out.len() / 2 {
+                        self.out.drain(..self.sent);
+                        self.sent = 0;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -131,6 +140,10 @@ enum MainOutcome {
 }
 
 struct Monitor {
+    /// One read's worth, reused by every read (guest and clients).
+    read_buf: Vec<u8>,
+    /// The log record being made, reused for every chunk of output.
+    log_buf: Vec<u8>,
     guest: UnixStream,
     guest_decoder: FrameDecoder,
     guest_out: Vec<u8>,
@@ -157,22 +170,36 @@ struct Monitor {
     stop_signal: i32,
 }
 
-fn log_line(stream: &str, data: &[u8]) -> Vec<u8> {
-    let line = serde_json::json!({
-        "time": now(),
-        "stream": stream,
-        "log": String::from_utf8_lossy(data),
-    });
-    let mut out = serde_json::to_vec(&line).unwrap_or_default();
+/// One record of the json-file log, borrowed from the output it logs.
+#[derive(Serialize)]
+struct LogRecord<'a> {
+    log: &'a str,
+    stream: &'a str,
+    time: u64,
+}
+
+/// `{"log":…,"stream":…,"time":…}` and a newline, in `out` (cleared first):
+/// serialized straight from the bytes (no JSON value built first, no buffer
+/// allocated: this runs for every chunk of output), invalid UTF-8 replaced
+/// as docker does.
+fn log_line(out: &mut Vec<u8>, stream: &str, data: &[u8]) {
+    out.clear();
+    let log = String::from_utf8_lossy(data);
+    let record = LogRecord {
+        log: &log,
+        stream,
+        time: now(),
+    };
+    if serde_json::to_writer(&mut *out, &record).is_err() {
+        out.clear();
+    }
     out.push(b'\n');
-    out
 }
 
 impl Monitor {
     fn queue_for_guest(&mut self, frame: &Frame) {
-        if let Ok(bytes) = frame.encode() {
-            self.guest_out.extend_from_slice(&bytes);
-        }
+        // Nothing is queued for a frame that cannot be encoded.
+        let _ = frame.encode_into(&mut self.guest_out);
     }
 
     /// Sends a frame for a process now, or holds it until the main process
@@ -230,7 +257,8 @@ impl Monitor {
                 } else {
                     "stderr"
                 };
-                let _ = self.log.write_record(&log_line(stream, data));
+                log_line(&mut self.log_buf, stream, data);
+                let _ = self.log.write_record(&self.log_buf);
                 self.broadcast_main(&frame);
             }
             Frame::Note(_, ref text) => {
@@ -249,9 +277,12 @@ impl Monitor {
                 self.broadcast_main(&frame);
             }
             Frame::Failed { code, ref message } => {
-                let _ = self
-                    .log
-                    .write_record(&log_line("stderr", format!("{message}\n").as_bytes()));
+                log_line(
+                    &mut self.log_buf,
+                    "stderr",
+                    format!("{message}\n").as_bytes(),
+                );
+                let _ = self.log.write_record(&self.log_buf);
                 self.outcome
                     .get_or_insert(MainOutcome::Failed(code, message.clone()));
                 self.broadcast_main(&frame);
@@ -404,7 +435,7 @@ impl Monitor {
     }
 
     fn read_guest(&mut self) {
-        let mut buf = vec![0u8; 64 << 10];
+        let buf = &mut self.read_buf;
         let want = self.guest_decoder.room().clamp(1, buf.len());
         match self.guest.read(&mut buf[..want]) {
             Ok(0) => self.guest_open = false,
@@ -450,7 +481,7 @@ impl Monitor {
     }
 
     fn read_client(&mut self, idx: usize) {
-        let mut buf = vec![0u8; 64 << 10];
+        let buf = &mut self.read_buf;
         let Some(c) = self.clients.get_mut(idx) else {
             return;
         };
@@ -565,6 +596,7 @@ impl Monitor {
                             stream,
                             decoder: FrameDecoder::new(),
                             out: Vec::new(),
+                            sent: 0,
                             role: Role::New,
                             gone: false,
                         });
@@ -655,6 +687,8 @@ fn run_locked(
     let exit_signal = vm.control();
     host_end.set_nonblocking(true)?;
     let mut monitor = Monitor {
+        read_buf: vec![0; 64 << 10],
+        log_buf: Vec::new(),
         guest: host_end,
         guest_decoder: FrameDecoder::new(),
         guest_out: Vec::new(),
@@ -742,4 +776,22 @@ fn run_locked(
         }
     }
     looped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_docker_json_file_records() {
+        let mut line = b"left over".to_vec();
+        log_line(&mut line, "stdout", b"a \"quoted\"\n\0\xff line\n");
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["log"], "a \"quoted\"\n\0\u{fffd} line\n");
+        assert_eq!(v["stream"], "stdout");
+        assert!(v["time"].as_u64().is_some_and(|t| t > 0));
+        assert!(line.starts_with(b"{\"log\":"));
+    }
 }

@@ -87,6 +87,8 @@ struct Session<'a> {
     relay: &'a Relay,
     queue: Vec<u8>,
     decoder: FrameDecoder,
+    /// One read's worth, reused by every read of the stream.
+    read_buf: Vec<u8>,
     outcome: Option<Outcome>,
     stdin_open: bool,
     marks: Marks,
@@ -94,9 +96,9 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn queue(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let bytes = frame.encode().map_err(SessionError::Protocol)?;
-        self.queue.extend_from_slice(&bytes);
-        Ok(())
+        frame
+            .encode_into(&mut self.queue)
+            .map_err(SessionError::Protocol)
     }
 
     fn flush_some(&mut self) -> Result<(), SessionError> {
@@ -154,7 +156,7 @@ impl Session<'_> {
     }
 
     fn read_stream(&mut self) -> Result<bool, SessionError> {
-        let mut buf = vec![0u8; 64 * 1024];
+        let buf = &mut self.read_buf;
         let want = self.decoder.room().min(buf.len()).max(1);
         match self.stream.read(&mut buf[..want]) {
             Ok(0) => return Ok(false),
@@ -252,6 +254,7 @@ pub fn run(
         relay,
         queue: Vec::new(),
         decoder: FrameDecoder::new(),
+        read_buf: vec![0; 64 * 1024],
         outcome: None,
         stdin_open: relay.stdin.is_some(),
         marks: Marks::default(),

@@ -16,6 +16,8 @@ use crate::PROTOCOL_VERSION;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 5;
+/// The longest [`Frame::output_header`]: a process frame's and its inner one's.
+pub const OUTPUT_HEADER_MAX: usize = 2 * HEADER_LEN;
 
 /// A message on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,30 +124,59 @@ impl Frame {
     /// # Errors
     /// The payload exceeds [`MAX_PAYLOAD`] (callers chunk data first).
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
-        let (k, payload): (u8, Vec<u8>) = match self {
-            Self::Spec(b) => (
-                kind::SPEC,
-                [&PROTOCOL_VERSION.to_le_bytes()[..], b].concat(),
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the frame's bytes to `out` (nothing on error): the payload is
+    /// copied once, straight from the frame, so a sender that keeps one
+    /// queue allocates nothing per frame of output.
+    ///
+    /// # Errors
+    /// The payload exceeds [`MAX_PAYLOAD`] (callers chunk data first).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let (k, head, body) = self.parts()?;
+        let len = head.len() + body.len();
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
+        }
+        let len32 = u32::try_from(len).map_err(|_| ProtocolError::Invalid("length".into()))?;
+        out.reserve(HEADER_LEN + len);
+        out.push(k);
+        out.extend_from_slice(&len32.to_le_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(body);
+        Ok(())
+    }
+
+    /// The frame's kind and payload, as a short owned head (numbers, the
+    /// version) followed by the borrowed bytes it carries.
+    fn parts(&self) -> Result<(u8, Vec<u8>, &[u8]), ProtocolError> {
+        let version = PROTOCOL_VERSION.to_le_bytes();
+        Ok(match self {
+            Self::Spec(b) => (kind::SPEC, version.to_vec(), b),
+            Self::Stdin(b) => (kind::STDIN, Vec::new(), b),
+            Self::StdinEof => (kind::STDIN_EOF, Vec::new(), &[]),
+            Self::Signal(s) => (kind::SIGNAL, s.to_le_bytes().to_vec(), &[]),
+            Self::Resize(r, c) => (
+                kind::RESIZE,
+                [r.to_le_bytes(), c.to_le_bytes()].concat(),
+                &[],
             ),
-            Self::Stdin(b) => (kind::STDIN, b.clone()),
-            Self::StdinEof => (kind::STDIN_EOF, Vec::new()),
-            Self::Signal(s) => (kind::SIGNAL, s.to_le_bytes().to_vec()),
-            Self::Resize(r, c) => (kind::RESIZE, [r.to_le_bytes(), c.to_le_bytes()].concat()),
-            Self::Ready => (kind::READY, PROTOCOL_VERSION.to_le_bytes().to_vec()),
-            Self::Stdout(b) => (kind::STDOUT, b.clone()),
-            Self::Stderr(b) => (kind::STDERR, b.clone()),
-            Self::Exited(c) => (kind::EXITED, c.to_le_bytes().to_vec()),
+            Self::Ready => (kind::READY, version.to_vec(), &[]),
+            Self::Stdout(b) => (kind::STDOUT, Vec::new(), b),
+            Self::Stderr(b) => (kind::STDERR, Vec::new(), b),
+            Self::Exited(c) => (kind::EXITED, c.to_le_bytes().to_vec(), &[]),
             Self::Failed { code, message } => (
                 kind::FAILED,
-                [&code.to_le_bytes()[..], message.as_bytes()].concat(),
+                code.to_le_bytes().to_vec(),
+                message.as_bytes(),
             ),
-            Self::Note(ms, text) => (
-                kind::NOTE,
-                [&ms.to_le_bytes()[..], text.as_bytes()].concat(),
-            ),
-            Self::Exec(id, spec) => (kind::EXEC, [&id.to_le_bytes()[..], spec].concat()),
-            Self::CopyOut(id, path) => (kind::COPY_OUT, [&id.to_le_bytes()[..], path].concat()),
-            Self::CopyIn(id, path) => (kind::COPY_IN, [&id.to_le_bytes()[..], path].concat()),
+            Self::Note(ms, text) => (kind::NOTE, ms.to_le_bytes().to_vec(), text.as_bytes()),
+            Self::Exec(id, spec) => (kind::EXEC, id.to_le_bytes().to_vec(), spec),
+            Self::CopyOut(id, path) => (kind::COPY_OUT, id.to_le_bytes().to_vec(), path),
+            Self::CopyIn(id, path) => (kind::COPY_IN, id.to_le_bytes().to_vec(), path),
             Self::Proc(id, inner) => {
                 if matches!(
                     **inner,
@@ -153,25 +184,42 @@ impl Frame {
                 ) {
                     return Err(ProtocolError::Invalid("nested process frame".into()));
                 }
-                let inner = inner.encode()?;
-                (
-                    kind::PROC,
-                    [&id.to_le_bytes()[..], &inner[..1], &inner[HEADER_LEN..]].concat(),
-                )
+                // The inner frame without its length: id, kind, payload.
+                let (k, head, body) = inner.parts()?;
+                let head = [&id.to_le_bytes()[..], &[k], &head].concat();
+                (kind::PROC, head, body)
             }
+        })
+    }
+
+    /// The bytes that come before `len` bytes of output in a
+    /// [`Frame::Stdout`] (or, `stderr`, [`Frame::Stderr`]) of process `proc`
+    /// (0: the main one, else wrapped in [`Frame::Proc`]): for a sender that
+    /// puts the payload there itself (the guest reads output in place behind
+    /// the header), so that header and payload together are that frame's
+    /// [`encode`](Self::encode).
+    ///
+    /// # Errors
+    /// `len` exceeds [`MAX_PAYLOAD`] (or, wrapped, leaves no room for the
+    /// process header).
+    pub fn output_header(proc: u32, stderr: bool, len: usize) -> Result<Vec<u8>, ProtocolError> {
+        let k = if stderr { kind::STDERR } else { kind::STDOUT };
+        let frame_len = |n: usize| {
+            u32::try_from(n)
+                .ok()
+                .filter(|_| n <= MAX_PAYLOAD)
+                .ok_or_else(|| ProtocolError::Invalid(format!("payload of {n} bytes")))
         };
-        if payload.len() > MAX_PAYLOAD {
-            return Err(ProtocolError::Invalid(format!(
-                "payload of {} bytes",
-                payload.len()
-            )));
+        if proc == 0 {
+            let mut out = vec![k];
+            out.extend_from_slice(&frame_len(len)?.to_le_bytes());
+            return Ok(out);
         }
-        let len =
-            u32::try_from(payload.len()).map_err(|_| ProtocolError::Invalid("length".into()))?;
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        // Proc's payload: the id, the inner kind, the inner payload.
+        let mut out = vec![kind::PROC];
+        out.extend_from_slice(&frame_len(len.saturating_add(5))?.to_le_bytes());
+        out.extend_from_slice(&proc.to_le_bytes());
         out.push(k);
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&payload);
         Ok(out)
     }
 
@@ -422,11 +470,48 @@ mod tests {
     }
 
     #[test]
+    fn an_output_header_and_its_payload_are_the_frame() {
+        for (proc, stderr) in [(0, false), (0, true), (7, false), (u32::MAX, true)] {
+            for data in [Vec::new(), b"out".to_vec(), vec![9; 70_000]] {
+                let inner = if stderr {
+                    Frame::Stderr(data.clone())
+                } else {
+                    Frame::Stdout(data.clone())
+                };
+                let frame = if proc == 0 {
+                    inner
+                } else {
+                    Frame::Proc(proc, Box::new(inner))
+                };
+                let mut wire = Frame::output_header(proc, stderr, data.len()).unwrap();
+                wire.extend_from_slice(&data);
+                assert_eq!(
+                    wire,
+                    frame.encode().unwrap(),
+                    "process {proc}, stderr {stderr}"
+                );
+            }
+        }
+        assert!(Frame::output_header(0, false, MAX_PAYLOAD).is_ok());
+        assert!(Frame::output_header(0, false, MAX_PAYLOAD + 1).is_err());
+        assert!(Frame::output_header(3, false, MAX_PAYLOAD - 4).is_err());
+        assert_eq!(
+            Frame::output_header(3, true, 1).unwrap().len(),
+            OUTPUT_HEADER_MAX
+        );
+    }
+
+    #[test]
     fn frames_round_trip_through_a_stream_and_the_decoder() {
         let mut stream = Vec::new();
         for f in all_frames() {
             f.write_to(&mut stream).unwrap();
         }
+        let mut queue = Vec::new();
+        for f in all_frames() {
+            f.encode_into(&mut queue).unwrap();
+        }
+        assert_eq!(queue, stream, "encode_into appends what write_to writes");
         let mut r = stream.as_slice();
         for f in all_frames() {
             assert_eq!(Frame::read_from(&mut r).unwrap(), f);

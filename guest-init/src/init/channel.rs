@@ -116,6 +116,16 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends bytes that are already whole frames (blocking until the port
+    /// took them).
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn send_raw(&self, frames: &[u8]) -> Result<(), ProtocolError> {
+        sys::write_all(self.fd.as_fd(), frames)?;
+        Ok(())
+    }
+
     /// Sends a timing note; failures are ignored (notes are optional).
     pub fn note(&self, text: impl Into<String>) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);

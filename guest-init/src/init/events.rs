@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use crate::command::StartError;
 use crate::init::channel::{console, Channel};
 use crate::init::process::{self, set_winsize, Child};
-use crate::protocol::Frame;
+use crate::protocol::{Frame, OUTPUT_HEADER_MAX};
 use crate::spec::{ExecSpec, RunSpec};
 use crate::sys;
 
-/// Largest output chunk per frame.
+/// Largest output chunk per frame (read at once).
 const CHUNK: usize = 64 * 1024;
 /// Stdin bytes held (for all processes together) for processes that do not
 /// read them before the init stops reading the channel (back-pressure to the
@@ -286,7 +286,7 @@ pub fn run(chan: &mut Channel, child: Child, spec: &RunSpec, early: &[Frame]) ->
         main: Proc::new(0, child, spec.stdin),
         execs: Vec::new(),
         sigfd,
-        buf: vec![0; CHUNK],
+        buf: vec![0; OUTPUT_HEADER_MAX + CHUNK],
     };
     let outcome = match l.frames(early) {
         Ok(()) => l.run(),
@@ -617,7 +617,10 @@ impl Loop<'_> {
     }
 }
 
-/// Forwards one read of `p`'s `which` output to the host.
+/// Forwards one read of `p`'s `which` output to the host, sent in place:
+/// the bytes are read into `buf` after room for the frame's header, which
+/// goes in front of them (no copy of the data in the init; `buf` must be
+/// longer than [`OUTPUT_HEADER_MAX`]).
 fn forward(chan: &Channel, buf: &mut [u8], p: &mut Proc, which: Stream) -> Result<(), Outcome> {
     let slot = match which {
         Stream::Stdout => &mut p.child.stdout,
@@ -628,17 +631,17 @@ fn forward(chan: &Channel, buf: &mut [u8], p: &mut Proc, which: Stream) -> Resul
     let Some(fd) = slot.as_ref() else {
         return Ok(());
     };
-    match sys::read(fd.as_fd(), buf) {
+    let (head, data) = buf.split_at_mut(OUTPUT_HEADER_MAX);
+    match sys::read(fd.as_fd(), data) {
         Ok(0) => *slot = None,
         Ok(n) => {
-            let data = buf[..n].to_vec();
-            let frame = if matches!(which, Stream::Stderr) {
-                Frame::Stderr(data)
-            } else {
-                Frame::Stdout(data)
-            };
             p.last_data = Instant::now();
-            if let Err(e) = chan.send(&p.wrap(frame)) {
+            let stderr = matches!(which, Stream::Stderr);
+            let header = Frame::output_header(p.id, stderr, n)
+                .map_err(|e| Outcome::Protocol(e.to_string()))?;
+            let at = OUTPUT_HEADER_MAX - header.len();
+            head[at..].copy_from_slice(&header);
+            if let Err(e) = chan.send_raw(&buf[at..OUTPUT_HEADER_MAX + n]) {
                 return Err(Outcome::HostGone(format!("writing: {e}")));
             }
         }

@@ -274,6 +274,36 @@ fn output_streams_and_exit_code() {
 }
 
 #[test]
+fn large_output_arrives_whole_and_in_order() {
+    // Megabytes through the pipe, a read at a time, each frame's header put
+    // in front of its bytes in place (an exec'd process's carries its id).
+    let Some(mut g) = start(&spec(&[
+        "sh",
+        "-c",
+        "seq 1 200000; seq 1 50000 >&2; sleep 30",
+    ])) else {
+        return;
+    };
+    let mut run = g.started();
+    let want_out: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    let want_err: String = (1..=50_000).map(|i| format!("{i}\n")).collect();
+    g.exec(7, &exec(&["seq", "1", "100000"]), &[]);
+    let want_exec: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    g.read_until(&mut run, |r| {
+        r.stdout.len() >= want_out.len()
+            && r.stderr.len() >= want_err.len()
+            && r.procs.get(&7).is_some_and(|p| p.last.is_some())
+    });
+    assert!(run.stdout == want_out.as_bytes(), "stdout differs");
+    assert!(run.stderr == want_err.as_bytes(), "stderr differs");
+    assert!(
+        run.procs[&7].stdout == want_exec.as_bytes(),
+        "exec's stdout differs"
+    );
+    let _ = stop(g, run);
+}
+
+#[test]
 fn stdin_frames_feed_the_process() {
     let mut s = spec(&["cat"]);
     s.stdin = true;
