@@ -197,6 +197,13 @@ fn log_line(out: &mut Vec<u8>, stream: &str, data: &[u8]) {
 }
 
 impl Monitor {
+    /// Appends `data` to the container's log as one record of `stream`
+    /// (a log that cannot be written loses the record, not the output).
+    fn log_output(&mut self, stream: &str, data: &[u8]) {
+        log_line(&mut self.log_buf, stream, data);
+        let _ = self.log.write_record(&self.log_buf);
+    }
+
     fn queue_for_guest(&mut self, frame: &Frame) {
         // Nothing is queued for a frame that cannot be encoded.
         let _ = frame.encode_into(&mut self.guest_out);
@@ -257,8 +264,7 @@ impl Monitor {
                 } else {
                     "stderr"
                 };
-                log_line(&mut self.log_buf, stream, data);
-                let _ = self.log.write_record(&self.log_buf);
+                self.log_output(stream, data);
                 self.broadcast_main(&frame);
             }
             Frame::Note(_, ref text) => {
@@ -277,12 +283,7 @@ impl Monitor {
                 self.broadcast_main(&frame);
             }
             Frame::Failed { code, ref message } => {
-                log_line(
-                    &mut self.log_buf,
-                    "stderr",
-                    format!("{message}\n").as_bytes(),
-                );
-                let _ = self.log.write_record(&self.log_buf);
+                self.log_output("stderr", format!("{message}\n").as_bytes());
                 self.outcome
                     .get_or_insert(MainOutcome::Failed(code, message.clone()));
                 self.broadcast_main(&frame);

@@ -137,15 +137,8 @@ impl Frame {
     /// The payload exceeds [`MAX_PAYLOAD`] (callers chunk data first).
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         let (k, head, body) = self.parts()?;
-        let len = head.len() + body.len();
-        if len > MAX_PAYLOAD {
-            return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
-        }
-        let len32 = u32::try_from(len).map_err(|_| ProtocolError::Invalid("length".into()))?;
-        out.reserve(HEADER_LEN + len);
-        out.push(k);
-        out.extend_from_slice(&len32.to_le_bytes());
-        out.extend_from_slice(&head);
+        out.reserve(HEADER_LEN + head.len() + body.len());
+        put_header(out, k, &head, body.len())?;
         out.extend_from_slice(body);
         Ok(())
     }
@@ -203,23 +196,19 @@ impl Frame {
     /// `len` exceeds [`MAX_PAYLOAD`] (or, wrapped, leaves no room for the
     /// process header).
     pub fn output_header(proc: u32, stderr: bool, len: usize) -> Result<Vec<u8>, ProtocolError> {
-        let k = if stderr { kind::STDERR } else { kind::STDOUT };
-        let frame_len = |n: usize| {
-            u32::try_from(n)
-                .ok()
-                .filter(|_| n <= MAX_PAYLOAD)
-                .ok_or_else(|| ProtocolError::Invalid(format!("payload of {n} bytes")))
+        let output = if stderr {
+            Self::Stderr(Vec::new())
+        } else {
+            Self::Stdout(Vec::new())
         };
-        if proc == 0 {
-            let mut out = vec![k];
-            out.extend_from_slice(&frame_len(len)?.to_le_bytes());
-            return Ok(out);
-        }
-        // Proc's payload: the id, the inner kind, the inner payload.
-        let mut out = vec![kind::PROC];
-        out.extend_from_slice(&frame_len(len.saturating_add(5))?.to_le_bytes());
-        out.extend_from_slice(&proc.to_le_bytes());
-        out.push(k);
+        let frame = if proc == 0 {
+            output
+        } else {
+            Self::Proc(proc, Box::new(output))
+        };
+        let (k, head, _) = frame.parts()?;
+        let mut out = Vec::with_capacity(HEADER_LEN + head.len());
+        put_header(&mut out, k, &head, len)?;
         Ok(out)
     }
 
@@ -389,6 +378,20 @@ fn le4(b: &[u8]) -> [u8; 4] {
     let mut out = [0u8; 4];
     out.copy_from_slice(&b[..4]);
     out
+}
+
+/// Appends a frame's header and the start of its payload, `head`, for a
+/// payload of `head` and `rest` more bytes (nothing on error).
+fn put_header(out: &mut Vec<u8>, k: u8, head: &[u8], rest: usize) -> Result<(), ProtocolError> {
+    let len = head.len().saturating_add(rest);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
+    }
+    let len32 = u32::try_from(len).map_err(|_| ProtocolError::Invalid("length".into()))?;
+    out.push(k);
+    out.extend_from_slice(&len32.to_le_bytes());
+    out.extend_from_slice(head);
+    Ok(())
 }
 
 /// Incremental decoder for a non-blocking reader: feed it bytes as they come,
