@@ -54,12 +54,13 @@ make_trivial_initrd() {
 	rm -rf "$d"
 }
 
-# Resident memory (KiB) of process $1 outside mappings of at least $2 MiB
-# (the guest's RAM): what the VMM itself costs.
+# Resident memory (KiB) of process $1 outside its guest's RAM: mappings of
+# at least $2 MiB, and the kernel and initramfs files hull's VMM maps into
+# guest RAM instead of copying them there (vmlinux, initramfs-*.cpio).
 rss_beyond_guest() {
 	awk -v min="$(($2 * 1024))" '
-		/^[0-9a-f]+-[0-9a-f]+ / { big = 0 }
-		/^Size:/ { big = ($2 >= min) }
+		/^[0-9a-f]+-[0-9a-f]+ / { big = ($NF ~ /\/vmlinux$|\/initramfs-[0-9a-f]+\.cpio$/) }
+		/^Size:/ { big = big || ($2 >= min) }
 		/^Rss:/ { if (!big) total += $2 }
 		END { print total + 0 }' "/proc/$1/smaps"
 }

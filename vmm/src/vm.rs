@@ -261,7 +261,9 @@ impl Vmm {
         } else {
             memory::create_shared(config.memory_mib)?
         };
+        let devices_ready = started.elapsed();
         let entry = boot::load(&mem, &boot_source)?;
+        let loaded = started.elapsed();
         mptable::write(&mem, config.cpus)?;
         let cr3 = vcpu::write_boot_tables(&mem)?;
 
@@ -280,10 +282,12 @@ impl Vmm {
         .map_err(vm_err("KVM_CREATE_PIT2"))?;
         memory::register(&vm, &mem)?;
         tracing::debug!(
-            "vm: kernel {:?} loaded ({:?} entry at {:#x}) in {:?}",
+            "vm: kernel {:?} loaded ({:?} entry at {:#x}): devices opened and memory mapped after {:?}, kernel and initrd loaded after {:?}, KVM VM made after {:?}",
             config.boot.kernel,
             entry.format,
             entry.entry.0,
+            devices_ready,
+            loaded,
             started.elapsed()
         );
 

@@ -3,6 +3,7 @@
 //! as the Linux x86 boot protocol (64-bit entry) expects.
 
 pub mod gdt;
+pub mod mapped;
 pub mod mptable;
 pub mod paging;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, KernelLoader, KernelLoaderResult};
+use mapped::MappedFile;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::layout::{
@@ -159,11 +161,14 @@ fn load_kernel(
     })?;
     let format = detect_format(&mut file, path)?;
     let himem = Some(GuestAddress(HIMEM_START));
+    let mut file = MappedFile::new(file, may_map(mem));
     let result = match format {
         KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, himem),
         KernelFormat::BzImage => loader::BzImage::load(mem, None, &mut file, himem),
     };
     let result = result.map_err(|e| classify_load_error(mem, path, &e))?;
+    let (mapped, read) = file.counts();
+    tracing::debug!("kernel: {mapped} bytes mapped, {read} read");
     if result.kernel_end > low_ram_end(mem) {
         return Err(BootError::MemoryTooSmall {
             mib: mem_mib(mem),
@@ -211,8 +216,9 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
+    let mut file = MappedFile::new(file, may_map(mem));
     let top = low_ram_end(mem).min(addr_max.saturating_add(1));
     let too_small = || BootError::MemoryTooSmall {
         mib: mem_mib(mem),
@@ -233,7 +239,16 @@ fn load_initrd(
             path: path.to_path_buf(),
             source: std::io::Error::other(e),
         })?;
+    let (mapped, read) = file.counts();
+    tracing::debug!("initrd: {mapped} bytes mapped, {read} read");
     Ok((addr, size))
+}
+
+/// Files may be mapped into guest memory that is private and anonymous
+/// (see [`mapped`]).
+fn may_map(mem: &GuestMemoryMmap) -> bool {
+    mem.find_region(GuestAddress(HIMEM_START))
+        .is_some_and(|r| r.file_offset().is_none())
 }
 
 /// The RAM map given to the guest: low memory up to the EBDA, then from 1 MiB
