@@ -43,10 +43,13 @@ pub fn prepare_vm(
     container: &Container,
     debug: bool,
 ) -> Result<PreparedVm> {
+    let started = std::time::Instant::now();
     let initrd = guest::initramfs(&guest::init_binary()?, &store.root().join("cache"))?;
     let image_disk = imagedisk::ensure(store, image, &container.config.kernel, debug)?;
+    let disk_ready = started.elapsed();
     let scratch = container.path(files::SCRATCH);
-    disks::make_ext4(&scratch, disks::SCRATCH_DISK_SIZE, "hull-scratch")?;
+    disks::make_scratch(&scratch, &store.root().join("cache"))?;
+    let scratch_ready = started.elapsed();
     let mounts = crate::volume::prepare(store.root(), &container.config.mounts)?;
     let (shares, shares_cfg) = crate::virtiofs::start_all(
         &store.root().join("run"),
@@ -87,6 +90,11 @@ pub fn prepare_vm(
         tracing::debug!("jail: HULL_JAIL=off: the VMM runs unconfined");
         None
     };
+    tracing::debug!(
+        "vm prep: initramfs and image disk after {disk_ready:?}, scratch disk after \
+         {scratch_ready:?}, all after {:?}",
+        started.elapsed()
+    );
     let vm = crate::vmmproc::Launch {
         boot: vmm::BootSource {
             kernel: container.config.kernel.clone(),
