@@ -75,6 +75,29 @@ pub fn make_ext4(path: &Path, size: u64, label: &str) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Copies bytes `[from, to)` of `src` to the same place in `dst` by reads
+/// and writes.
+fn copy_range(src: &File, dst: &File, from: libc::off_t, to: libc::off_t) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut at, end) = (
+        u64::try_from(from).unwrap_or(0),
+        u64::try_from(to).unwrap_or(0),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    while at < end {
+        let want = usize::try_from(end - at)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = src.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        dst.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// How big an image's root disk is made: room for the layers unpacked plus
 /// slack. Text-heavy layers (sources, node_modules) compress five- to
 /// eightfold and small files cost a 4 KiB block each, so the room is eight
@@ -98,15 +121,24 @@ pub const SCRATCH_DISK_SIZE: u64 = 4 << 30;
 /// # Errors
 /// The template cannot be made or copied.
 pub fn make_scratch(path: &Path, cache_dir: &Path) -> Result<(), DiskError> {
-    let template = cache_dir.join(format!("scratch-{SCRATCH_DISK_SIZE}.ext4"));
+    // The name changes with the size and with how make_ext4 formats (v1).
+    let template = cache_dir.join(format!("scratch-v1-{SCRATCH_DISK_SIZE}.ext4"));
     if !template.is_file() {
         std::fs::create_dir_all(cache_dir).map_err(io_err("cannot create", cache_dir))?;
         // Made aside and renamed in: a concurrent start never copies half.
         let tmp = cache_dir.join(format!(".scratch.{}", std::process::id()));
-        make_ext4(&tmp, SCRATCH_DISK_SIZE, "hull-scratch")?;
-        std::fs::rename(&tmp, &template).map_err(io_err("cannot create", &template))?;
+        let made = make_ext4(&tmp, SCRATCH_DISK_SIZE, "hull-scratch").and_then(|()| {
+            std::fs::rename(&tmp, &template).map_err(io_err("cannot create", &template))
+        });
+        if made.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made?;
     }
-    copy_sparse(&template, path).map_err(io_err("cannot copy the scratch disk template to", path))
+    copy_sparse(&template, path).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        io_err("cannot copy the scratch disk template to", path)(e)
+    })
 }
 
 /// Copies `from` to a new file `to`, holes and all: only the data extents
@@ -147,7 +179,14 @@ fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
             // are locals the call updates.
             let n = unsafe { libc::copy_file_range(s, &mut off_in, d, &mut off_out, want, 0) };
             if n < 0 {
-                return Err(std::io::Error::last_os_error());
+                let e = std::io::Error::last_os_error();
+                let unsupported = [libc::ENOSYS, libc::EXDEV, libc::EOPNOTSUPP, libc::EINVAL];
+                if !e.raw_os_error().is_some_and(|c| unsupported.contains(&c)) {
+                    return Err(e);
+                }
+                // A file system (or pair) copy_file_range does not serve.
+                copy_range(&src, &dst, off_in, hole)?;
+                break;
             }
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());

@@ -3,7 +3,7 @@
 //! as the Linux x86 boot protocol (64-bit entry) expects.
 
 pub mod gdt;
-pub mod mapped;
+mod mapped;
 pub mod mptable;
 pub mod paging;
 
@@ -161,7 +161,7 @@ fn load_kernel(
     })?;
     let format = detect_format(&mut file, path)?;
     let himem = Some(GuestAddress(HIMEM_START));
-    let mut file = MappedFile::new(file, may_map(mem));
+    let mut file = MappedFile::new(file, mem);
     let result = match format {
         KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, himem),
         KernelFormat::BzImage => loader::BzImage::load(mem, None, &mut file, himem),
@@ -218,7 +218,7 @@ fn load_initrd(
     };
     let file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let mut file = MappedFile::new(file, may_map(mem));
+    let mut file = MappedFile::new(file, mem);
     let top = low_ram_end(mem).min(addr_max.saturating_add(1));
     let too_small = || BootError::MemoryTooSmall {
         mib: mem_mib(mem),
@@ -242,13 +242,6 @@ fn load_initrd(
     let (mapped, read) = file.counts();
     tracing::debug!("initrd: {mapped} bytes mapped, {read} read");
     Ok((addr, size))
-}
-
-/// Files may be mapped into guest memory that is private and anonymous
-/// (see [`mapped`]).
-fn may_map(mem: &GuestMemoryMmap) -> bool {
-    mem.find_region(GuestAddress(HIMEM_START))
-        .is_some_and(|r| r.file_offset().is_none())
 }
 
 /// The RAM map given to the guest: low memory up to the EBDA, then from 1 MiB
