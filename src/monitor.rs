@@ -262,6 +262,54 @@ fn push_repeated(out: &mut Vec<u8>, unit: &[u8], count: usize) {
 }
 
 impl Monitor {
+    /// A monitor of the VM at the other end of `guest`, to be sent `spec`
+    /// once its init is ready and a client attached (or `wait_attach_until`
+    /// passed), logging to `log` and stopping the VM through `exit_signal`.
+    fn new(
+        guest: UnixStream,
+        log: crate::logfile::RotatingLog,
+        spec: Vec<u8>,
+        wait_attach_until: Option<Instant>,
+        exit_signal: crate::vmmproc::Control,
+        stop_signal: i32,
+    ) -> Self {
+        Self {
+            read_buf: vec![0; 64 << 10],
+            log_buf: Vec::new(),
+            guest,
+            guest_decoder: FrameDecoder::new(),
+            guest_out: Vec::new(),
+            guest_open: true,
+            clients: Vec::new(),
+            spec: Some(spec),
+            ready: false,
+            wait_attach_until,
+            log,
+            outcome: None,
+            next_exec: 0,
+            exec_owner: HashMap::new(),
+            stop_deadline: None,
+            force_deadline: None,
+            exit_signal,
+            main_running: false,
+            held: Vec::new(),
+            held_bytes: 0,
+            stop_signal,
+        }
+    }
+
+    /// Takes a connected client (its first frame says what it wants).
+    fn add_client(&mut self, stream: UnixStream) {
+        self.clients.push(Client {
+            stream,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            sent: 0,
+            role: Role::New,
+            gone: false,
+        });
+    }
+
     /// Appends `data` to the container's log as one record of `stream`
     /// (a log that cannot be written loses the record, not the output).
     fn log_output(&mut self, stream: &str, data: &[u8]) {
@@ -658,14 +706,7 @@ impl Monitor {
             if revents[1] & libc::POLLIN != 0 {
                 if let Ok((stream, _)) = listener.accept() {
                     if self.clients.len() < MAX_CLIENTS && stream.set_nonblocking(true).is_ok() {
-                        self.clients.push(Client {
-                            stream,
-                            decoder: FrameDecoder::new(),
-                            out: Vec::new(),
-                            sent: 0,
-                            role: Role::New,
-                            gone: false,
-                        });
+                        self.add_client(stream);
                     }
                 }
             }
@@ -752,29 +793,14 @@ fn run_locked(
     let vm = crate::vmmproc::spawn(vm, debug)?;
     let exit_signal = vm.control();
     host_end.set_nonblocking(true)?;
-    let mut monitor = Monitor {
-        read_buf: vec![0; 64 << 10],
-        log_buf: Vec::new(),
-        guest: host_end,
-        guest_decoder: FrameDecoder::new(),
-        guest_out: Vec::new(),
-        guest_open: true,
-        clients: Vec::new(),
-        spec: Some(spec_json),
-        ready: false,
-        wait_attach_until: wait_attach.then(|| Instant::now() + ATTACH_WAIT),
+    let mut monitor = Monitor::new(
+        host_end,
         log,
-        outcome: None,
-        next_exec: 0,
-        exec_owner: HashMap::new(),
-        stop_deadline: None,
-        force_deadline: None,
-        exit_signal: exit_signal.clone(),
-        main_running: false,
-        held: Vec::new(),
-        held_bytes: 0,
-        stop_signal: container.config.spec.security.stop_signal,
-    };
+        spec_json,
+        wait_attach.then(|| Instant::now() + ATTACH_WAIT),
+        exit_signal.clone(),
+        container.config.spec.security.stop_signal,
+    );
     let looped = monitor.run(&listener);
     if looped.is_err() {
         exit_signal.exit(vmm::VmExit::Error("the container's monitor failed".into()));
@@ -921,5 +947,280 @@ mod tests {
             assert_eq!(out.len(), 1 + 3 * count);
             assert!(out[1..].chunks(3).all(|c| c == b"abc"));
         }
+    }
+
+    /// A monitor with a fake VM: the guest's end of the control stream,
+    /// the read end of the VMM's command pipe, the log's directory.
+    struct Fixture {
+        monitor: Monitor,
+        _guest: UnixStream,
+        commands: std::fs::File,
+        _dir: tempfile::TempDir,
+    }
+
+    fn exec_spec() -> ExecSpec {
+        ExecSpec {
+            args: vec!["true".into()],
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            tty: false,
+            stdin: false,
+        }
+    }
+
+    fn fixture(wait_attach_until: Option<Instant>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (host, guest) = UnixStream::pair().unwrap();
+        let (r, w) = std::io::pipe().unwrap();
+        let log = crate::logfile::RotatingLog::open(
+            &dir.path().join("container.log"),
+            crate::logfile::LogOptions::default(),
+        )
+        .unwrap();
+        let control =
+            crate::vmmproc::Control::to(std::fs::File::from(std::os::fd::OwnedFd::from(w)));
+        let monitor = Monitor::new(
+            host,
+            log,
+            b"{}".to_vec(),
+            wait_attach_until,
+            control,
+            libc::SIGTERM,
+        );
+        Fixture {
+            monitor,
+            _guest: guest,
+            commands: std::fs::File::from(std::os::fd::OwnedFd::from(r)),
+            _dir: dir,
+        }
+    }
+
+    fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+        let mut decoder = FrameDecoder::new();
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let n = decoder.room().min(bytes.len());
+            decoder.feed(&bytes[..n]);
+            bytes = &bytes[n..];
+            while let Some(f) = decoder.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        out
+    }
+
+    /// A client that said what it wants; returns its index and far end.
+    fn client(m: &mut Monitor, request: &Request) -> (usize, UnixStream) {
+        let (near, far) = UnixStream::pair().unwrap();
+        m.add_client(near);
+        let idx = m.clients.len() - 1;
+        m.on_client_frame(idx, Frame::Spec(serde_json::to_vec(request).unwrap()));
+        (idx, far)
+    }
+
+    #[test]
+    fn the_spec_waits_for_the_init_and_an_attached_client() {
+        let mut f = fixture(Some(Instant::now() + Duration::from_secs(600)));
+        let m = &mut f.monitor;
+        m.on_guest_frame(Frame::Ready);
+        assert!(m.guest_out.is_empty(), "no client attached yet");
+        client(m, &Request::Wait);
+        assert!(m.guest_out.is_empty(), "a waiter is not attached");
+        client(m, &Request::Attach { stdin: false });
+        assert!(matches!(frames(&m.guest_out)[..], [Frame::Spec(_)]));
+
+        // Detached (no wait): the spec goes as soon as the init is ready.
+        let mut f = fixture(None);
+        assert!(f.monitor.guest_out.is_empty());
+        f.monitor.on_guest_frame(Frame::Ready);
+        assert!(matches!(frames(&f.monitor.guest_out)[..], [Frame::Spec(_)]));
+    }
+
+    #[test]
+    fn input_before_the_main_process_runs_is_held_and_then_sent_in_order() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        m.on_guest_frame(Frame::Ready);
+        let (idx, _far) = client(m, &Request::Attach { stdin: true });
+        m.on_client_frame(idx, Frame::Stdin(b"a".to_vec()));
+        m.on_client_frame(idx, Frame::Signal(libc::SIGUSR1));
+        m.on_client_frame(idx, Frame::StdinEof);
+        assert_eq!(
+            frames(&m.guest_out).len(),
+            1,
+            "only the spec before the exec"
+        );
+        assert!(m.held_bytes > 0);
+        m.on_guest_frame(Frame::Note(0, "exec /bin/cat".into()));
+        let sent = frames(&m.guest_out);
+        assert!(
+            matches!(
+                &sent[..],
+                [Frame::Spec(_), Frame::Stdin(a), Frame::Signal(s), Frame::StdinEof]
+                    if a == b"a" && *s == libc::SIGUSR1
+            ),
+            "{sent:?}"
+        );
+        assert_eq!(m.held_bytes, 0);
+        // Once it runs, input goes straight through.
+        m.on_client_frame(idx, Frame::Stdin(b"b".to_vec()));
+        assert_eq!(frames(&m.guest_out).len(), 5);
+    }
+
+    #[test]
+    fn output_is_logged_and_relayed_and_a_client_that_does_not_read_is_dropped() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        let (reader, _far) = client(m, &Request::Attach { stdin: false });
+        let (waiter, _far2) = client(m, &Request::Wait);
+        let chunk = vec![b'x'; 1 << 20];
+        m.on_guest_frame(Frame::Stdout(chunk.clone()));
+        assert!(!m.clients[reader].gone);
+        assert!(
+            m.clients[waiter].out.is_empty(),
+            "a waiter gets only the end"
+        );
+        for _ in 0..(CLIENT_QUEUE_MAX >> 20) {
+            m.on_guest_frame(Frame::Stdout(chunk.clone()));
+        }
+        assert!(
+            m.clients[reader].gone,
+            "a queue past its bound drops the client"
+        );
+        m.on_guest_frame(Frame::Exited(3));
+        assert!(matches!(
+            frames(&m.clients[waiter].out)[..],
+            [Frame::Exited(3)]
+        ));
+        // Every chunk was logged, whoever read it (rotation at 10 MiB kept
+        // the newest in container.log, the rest in container.log.1).
+        let mut records = 0;
+        for name in ["container.log", "container.log.1"] {
+            if let Ok(text) = std::fs::read_to_string(f._dir.path().join(name)) {
+                records += text.lines().count();
+            }
+        }
+        assert_eq!(records, 1 + (CLIENT_QUEUE_MAX >> 20));
+    }
+
+    #[test]
+    fn a_client_queue_survives_partial_writes_in_order() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        let (idx, mut far) = client(m, &Request::Attach { stdin: false });
+        m.clients[idx].stream.set_nonblocking(true).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(100_000) {
+            m.on_guest_frame(Frame::Stdout(piece.to_vec()));
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0; 50_000];
+        while !m.clients[idx].out.is_empty() {
+            m.clients[idx].flush();
+            let n = far.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        far.set_nonblocking(true).unwrap();
+        while let Ok(n) = far.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let out: Vec<u8> = frames(&got)
+            .into_iter()
+            .flat_map(|f| match f {
+                Frame::Stdout(d) => d,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            out == data,
+            "{} of {} bytes, in order",
+            out.len(),
+            data.len()
+        );
+    }
+
+    #[test]
+    fn stop_signals_then_kills_then_stops_the_vm() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        m.on_guest_frame(Frame::Note(0, "exec /bin/sleep".into()));
+        client(m, &Request::Stop { timeout_secs: 0 });
+        assert!(matches!(
+            frames(&m.guest_out)[..],
+            [Frame::Signal(libc::SIGTERM)]
+        ));
+        m.deadlines();
+        assert!(matches!(
+            frames(&m.guest_out)[..],
+            [Frame::Signal(libc::SIGTERM), Frame::Signal(libc::SIGKILL)]
+        ));
+        assert!(m.force_deadline.is_some());
+        m.force_deadline = Some(Instant::now());
+        m.deadlines();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&f.commands), &mut line).unwrap();
+        assert!(line.contains("the guest did not end"), "{line}");
+    }
+
+    #[test]
+    fn an_exec_client_that_leaves_has_its_process_killed_and_others_keep_theirs() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        m.on_guest_frame(Frame::Note(0, "exec /bin/sleep".into()));
+        let spec = exec_spec();
+        let (first, _a) = client(m, &Request::Exec(spec.clone()));
+        let (second, _b) = client(m, &Request::Exec(spec));
+        assert_eq!((first, second), (0, 1));
+        let execs = frames(&m.guest_out);
+        assert!(
+            matches!(execs[..], [Frame::Exec(1, _), Frame::Exec(2, _)]),
+            "{execs:?}"
+        );
+        m.guest_out.clear();
+        m.clients[first].gone = true;
+        m.reap_clients();
+        let killed = frames(&m.guest_out);
+        assert!(
+            matches!(&killed[..], [Frame::Proc(1, s)] if **s == Frame::Signal(libc::SIGKILL)),
+            "{killed:?}"
+        );
+        // Exec 2's client is now at index 0 and still gets its output.
+        m.on_guest_frame(Frame::Proc(2, Box::new(Frame::Stdout(b"hi".to_vec()))));
+        assert!(matches!(&frames(&m.clients[0].out)[..], [Frame::Stdout(d)] if d == b"hi"));
+        m.on_guest_frame(Frame::Proc(1, Box::new(Frame::Stdout(b"lost".to_vec()))));
+        assert_eq!(
+            frames(&m.clients[0].out).len(),
+            1,
+            "a gone exec's output goes nowhere"
+        );
+    }
+
+    #[test]
+    fn a_bad_first_frame_or_an_exec_after_the_end_gets_125() {
+        let mut f = fixture(None);
+        let m = &mut f.monitor;
+        let (near, _far) = UnixStream::pair().unwrap();
+        m.add_client(near);
+        m.on_client_frame(0, Frame::Spec(b"not json".to_vec()));
+        assert!(matches!(
+            &frames(&m.clients[0].out)[..],
+            [Frame::Failed { code: 125, .. }]
+        ));
+        m.on_guest_frame(Frame::Exited(0));
+        let (idx, _b) = client(m, &Request::Exec(exec_spec()));
+        assert!(matches!(
+            &frames(&m.clients[idx].out)[..],
+            [Frame::Failed { code: 125, message }] if message.contains("not running")
+        ));
+        // A client attaching after the end is told how it ended.
+        let (late, _c) = client(m, &Request::Attach { stdin: false });
+        assert!(matches!(
+            frames(&m.clients[late].out)[..],
+            [Frame::Exited(0)]
+        ));
     }
 }

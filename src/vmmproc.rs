@@ -171,6 +171,15 @@ pub struct Control {
 }
 
 impl Control {
+    /// A control writing its commands to `pipe` (a test's stand-in for a
+    /// VMM's command pipe).
+    #[cfg(test)]
+    pub(crate) fn to(pipe: File) -> Self {
+        Self {
+            pipe: Arc::new(Mutex::new(Some(pipe))),
+        }
+    }
+
     /// Asks the VMM to stop with `reason` (the first reason recorded wins,
     /// in the VMM as before). Never blocks.
     pub fn exit(&self, reason: vmm::VmExit) {
