@@ -262,6 +262,10 @@ pub struct RunArgs {
     /// Pull without TLS (plain HTTP) if the image must be pulled.
     #[arg(long)]
     pub insecure: bool,
+    /// Where output is logged: json-file (the default; local is taken as
+    /// json-file) or none (no log: `hull logs` has nothing to read).
+    #[arg(long = "log-driver", value_name = "DRIVER")]
+    pub log_driver: Option<String>,
     /// A log option, as docker's json-file driver: max-size=SIZE (default 10m),
     /// max-file=N (default 2).
     #[arg(long = "log-opt", value_name = "KEY=VALUE")]

@@ -356,6 +356,12 @@ impl LogPrinter {
 fn logs(args: &LogsArgs) -> Result<ExitCode> {
     let store = store()?;
     let container = Containers::new(store.root()).find(&args.container)?;
+    if container.config.log.driver == crate::logfile::LogDriver::None {
+        return Err(crate::flags::usage(format!(
+            "container {} logs nothing (--log-driver none): its output went only to whoever was attached",
+            container.config.name
+        )));
+    }
     let path = container.path(crate::container::files::LOG);
     // The rotated files, oldest first, then the current one.
     let mut reader = crate::logfile::LogReader::open(&path, container.config.log.max_file)?;
@@ -595,7 +601,7 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
                 "AutoRemove": c.config.auto_remove,
                 "Kernel": c.config.kernel,
                 "LogConfig": {
-                    "Type": "json-file",
+                    "Type": c.config.log.driver.name(),
                     "Config": {
                         "max-size": c.config.log.max_size.to_string(),
                         "max-file": c.config.log.max_file.to_string(),

@@ -30,7 +30,34 @@ pub const CONSOLE_CAP: u64 = 1 << 20;
 /// How much of the monitor's own messages is kept.
 pub const MONITOR_LOG_CAP: u64 = 1 << 20;
 
-/// How a container's log rotates (`--log-opt`, as docker's json-file driver).
+/// Where a container's output is logged (`--log-driver`, as docker's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogDriver {
+    /// docker json-file lines in `container.log` (docker's `local` is taken
+    /// as this too).
+    #[default]
+    #[serde(rename = "json-file")]
+    JsonFile,
+    /// Not logged: `hull logs` has nothing to read, and the output costs
+    /// the host no log writes (a JSON record of binary output is up to six
+    /// times its size).
+    #[serde(rename = "none")]
+    None,
+}
+
+impl LogDriver {
+    /// Docker's name for it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JsonFile => "json-file",
+            Self::None => "none",
+        }
+    }
+}
+
+/// How a container's log is kept (`--log-driver`, and `--log-opt` as
+/// docker's json-file driver takes them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LogOptions {
@@ -38,6 +65,8 @@ pub struct LogOptions {
     pub max_size: u64,
     /// Files kept, the current one included (at least 1).
     pub max_file: u32,
+    /// Where the output goes.
+    pub driver: LogDriver,
 }
 
 impl Default for LogOptions {
@@ -45,6 +74,7 @@ impl Default for LogOptions {
         Self {
             max_size: DEFAULT_MAX_SIZE,
             max_file: DEFAULT_MAX_FILE,
+            driver: LogDriver::JsonFile,
         }
     }
 }
@@ -55,13 +85,30 @@ impl Default for LogOptions {
 pub struct LogOptError(String);
 
 impl LogOptions {
-    /// Parses `--log-opt KEY=VALUE` options: `max-size` (docker's size
-    /// notation, e.g. `10m`) and `max-file` (a count from 1).
+    /// Parses `--log-driver` (`json-file`, `local`: the same, `none`) and
+    /// `--log-opt KEY=VALUE` options: `max-size` (docker's size notation,
+    /// e.g. `10m`) and `max-file` (a count from 1).
     ///
     /// # Errors
-    /// An unknown key or a bad value.
-    pub fn parse(opts: &[String]) -> Result<Self, LogOptError> {
+    /// An unknown driver, key or value, or options for `none`.
+    pub fn parse(driver: Option<&str>, opts: &[String]) -> Result<Self, LogOptError> {
         let mut out = Self::default();
+        match driver.unwrap_or_default() {
+            "" | "json-file" | "local" => {}
+            "none" => {
+                if let Some(opt) = opts.first() {
+                    return Err(LogOptError(format!(
+                        "--log-opt {opt:?} with --log-driver none: that driver takes no options"
+                    )));
+                }
+                out.driver = LogDriver::None;
+            }
+            other => {
+                return Err(LogOptError(format!(
+                    "logging driver {other:?} is not supported: use json-file (or local) or none"
+                )))
+            }
+        }
         for opt in opts {
             let Some((key, value)) = opt.split_once('=') else {
                 return Err(LogOptError(format!(
@@ -432,7 +479,10 @@ mod tests {
     use super::*;
 
     fn opts(list: &[&str]) -> Result<LogOptions, LogOptError> {
-        LogOptions::parse(&list.iter().map(ToString::to_string).collect::<Vec<_>>())
+        LogOptions::parse(
+            None,
+            &list.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        )
     }
 
     #[test]
@@ -461,6 +511,28 @@ mod tests {
             assert!(e.contains("--log-opt"), "{bad}: {e}");
         }
         assert!(opts(&["foo=1"]).unwrap_err().to_string().contains("foo"));
+    }
+
+    #[test]
+    fn log_drivers_read_like_dockers() {
+        let parse = |d: &str, o: &[&str]| {
+            LogOptions::parse(
+                Some(d),
+                &o.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            )
+        };
+        for d in ["json-file", "local", ""] {
+            assert_eq!(parse(d, &[]).unwrap().driver, LogDriver::JsonFile);
+        }
+        assert_eq!(parse("json-file", &["max-file=3"]).unwrap().max_file, 3);
+        assert_eq!(parse("none", &[]).unwrap().driver, LogDriver::None);
+        let e = parse("none", &["max-size=1m"]).unwrap_err().to_string();
+        assert!(e.contains("none") && e.contains("max-size"), "{e}");
+        let e = parse("syslog", &[]).unwrap_err().to_string();
+        assert!(e.contains("syslog") && !e.ends_with('.'), "{e}");
+        let o: LogOptions = serde_json::from_str(r#"{"driver":"none"}"#).unwrap();
+        assert_eq!((o.driver, o.max_file), (LogDriver::None, DEFAULT_MAX_FILE));
+        assert_eq!(LogDriver::None.name(), "none");
     }
 
     #[test]
@@ -497,6 +569,7 @@ mod tests {
         let options = LogOptions {
             max_size: 10_000,
             max_file: 3,
+            driver: LogDriver::JsonFile,
         };
         let mut log = RotatingLog::open(&path, options).unwrap();
         let len = record(0).len();
@@ -531,6 +604,7 @@ mod tests {
             LogOptions {
                 max_size: 1000,
                 max_file: 1,
+                driver: LogDriver::JsonFile,
             },
         )
         .unwrap();
@@ -549,6 +623,7 @@ mod tests {
             LogOptions {
                 max_size: 1000,
                 max_file: 2,
+                driver: LogDriver::JsonFile,
             },
         )
         .unwrap();
@@ -566,6 +641,7 @@ mod tests {
         let options = LogOptions {
             max_size: 1000,
             max_file: 2,
+            driver: LogDriver::JsonFile,
         };
         let mut log = RotatingLog::open(&path, options).unwrap();
         for i in 0..9 {
@@ -587,6 +663,7 @@ mod tests {
         let options = LogOptions {
             max_size: 2000,
             max_file: 1,
+            driver: LogDriver::JsonFile,
         };
         let mut log = RotatingLog::open(&path, options).unwrap();
         let mut reader = LogReader::open(&path, 1).unwrap();
@@ -627,6 +704,7 @@ mod tests {
         let options = LogOptions {
             max_size: 2000,
             max_file: 2,
+            driver: LogDriver::JsonFile,
         };
         // Following before the log exists.
         let mut reader = LogReader::open(&path, 2).unwrap();

@@ -152,7 +152,8 @@ struct Monitor {
     spec: Option<Vec<u8>>,
     ready: bool,
     wait_attach_until: Option<Instant>,
-    log: crate::logfile::RotatingLog,
+    /// The container's log; none with `--log-driver none`.
+    log: Option<crate::logfile::RotatingLog>,
     outcome: Option<MainOutcome>,
     next_exec: u32,
     exec_owner: HashMap<u32, usize>,
@@ -267,7 +268,7 @@ impl Monitor {
     /// passed), logging to `log` and stopping the VM through `exit_signal`.
     fn new(
         guest: UnixStream,
-        log: crate::logfile::RotatingLog,
+        log: Option<crate::logfile::RotatingLog>,
         spec: Vec<u8>,
         wait_attach_until: Option<Instant>,
         exit_signal: crate::vmmproc::Control,
@@ -313,8 +314,10 @@ impl Monitor {
     /// Appends `data` to the container's log as one record of `stream`
     /// (a log that cannot be written loses the record, not the output).
     fn log_output(&mut self, stream: &str, data: &[u8]) {
-        log_line(&mut self.log_buf, stream, data);
-        let _ = self.log.write_record(&self.log_buf);
+        if let Some(log) = self.log.as_mut() {
+            log_line(&mut self.log_buf, stream, data);
+            let _ = log.write_record(&self.log_buf);
+        }
     }
 
     fn queue_for_guest(&mut self, frame: &Frame) {
@@ -775,7 +778,13 @@ fn run_locked(
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
     listener.set_nonblocking(true)?;
-    let log = crate::logfile::RotatingLog::open(&container.path(files::LOG), container.config.log)?;
+    let log = match container.config.log.driver {
+        crate::logfile::LogDriver::JsonFile => Some(crate::logfile::RotatingLog::open(
+            &container.path(files::LOG),
+            container.config.log,
+        )?),
+        crate::logfile::LogDriver::None => None,
+    };
 
     container.update_state(|s| {
         s.status = Status::Running;
@@ -982,7 +991,7 @@ mod tests {
             crate::vmmproc::Control::to(std::fs::File::from(std::os::fd::OwnedFd::from(w)));
         let monitor = Monitor::new(
             host,
-            log,
+            Some(log),
             b"{}".to_vec(),
             wait_attach_until,
             control,

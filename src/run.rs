@@ -164,7 +164,7 @@ fn resolve_image(store: &Store, reference: &str, insecure: bool) -> Result<Image
 pub fn create(args: &RunArgs, store: &Store, debug: bool) -> Result<Container> {
     let memory_mib = parse_memory(&args.memory)?;
     let cpus = parse_cpus(&args.cpus)?;
-    let log = crate::logfile::LogOptions::parse(&args.log_opt)?;
+    let log = crate::logfile::LogOptions::parse(args.log_driver.as_deref(), &args.log_opt)?;
     let net_flags = crate::network::flags(args);
     crate::network::check_flags(&net_flags)?;
     let mut security = security_spec(args)?;

@@ -55,6 +55,14 @@ echo "inspect-max-size=$(hull inspect chatty | grep -c '"max-size": "1048576"')"
 hull run --log-opt max-file=0 busybox true 2>/tmp/err; echo "bad-opt=$?"
 echo "bad-opt-lines=$(wc -l < /tmp/err)"
 echo "containers=$(hull ps -aq | wc -l)"
+# --log-driver none: the output reaches the attached client, nothing is logged.
+echo "none-out=$(hull run --name quiet --log-driver none busybox sh -c 'echo to-the-client; echo err >&2' 2>/dev/null)"
+qid=$(hull inspect quiet | sed -n 's/.*"Id": *"\([0-9a-f]*\)".*/\1/p' | head -1)
+echo "none-log-files=$(ls /var/lib/hull/containers/$qid | grep -c '^container\.log')"
+hull logs quiet >/tmp/none 2>&1; echo "none-logs=$?"
+echo "none-logs-says=$(cat /tmp/none)"
+echo "none-inspect=$(hull inspect quiet | grep -c '"Type": "none"')"
+hull rm quiet >/dev/null
 "#
     );
     let run = EmulatedHost::new()
@@ -95,6 +103,14 @@ echo "containers=$(hull ps -aq | wc -l)"
     assert_eq!(value(out, "bad-opt="), Some("125"), "{out}");
     assert_eq!(value(out, "bad-opt-lines="), Some("1"), "{out}");
     assert_eq!(value(out, "containers="), Some("1"), "{out}");
+    assert_eq!(value(out, "none-out="), Some("to-the-client"), "{out}");
+    assert_eq!(value(out, "none-log-files="), Some("0"), "{out}");
+    assert_eq!(value(out, "none-logs="), Some("125"), "{out}");
+    assert!(
+        value(out, "none-logs-says=").is_some_and(|s| s.contains("--log-driver none")),
+        "{out}"
+    );
+    assert_eq!(value(out, "none-inspect="), Some("1"), "{out}");
 }
 
 /// Bad `--log-opt`s are checked before any image, kernel or VM: this runs
@@ -126,6 +142,22 @@ fn a_bad_log_opt_is_one_line_and_exit_125_before_anything_starts() {
             err.contains("--log-opt") && err.contains(says),
             "{opt}: {err}"
         );
+        assert!(
+            !err.contains("no-such-image"),
+            "checked after the image: {err}"
+        );
+    }
+    for args in [
+        &["--log-driver", "syslog"][..],
+        &["--log-driver", "none", "--log-opt", "max-size=1m"][..],
+    ] {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        all.extend(["no-such-image-anywhere", "true"]);
+        let out = hull(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(
             !err.contains("no-such-image"),
             "checked after the image: {err}"

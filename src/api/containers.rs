@@ -239,11 +239,14 @@ pub fn run_argv(body: CreateBody, name: Option<&str>) -> Result<Vec<String>, Api
         flag("--shm-size", &hc.shm_size.to_string());
     }
     if let Some(log) = hc.log_config {
-        if !matches!(log.kind.as_str(), "" | "json-file" | "local") {
+        if !matches!(log.kind.as_str(), "" | "json-file" | "local" | "none") {
             return Err(ApiError::bad_request(format!(
-                "logging driver {:?} is not supported: hull keeps json-file logs",
+                "logging driver {:?} is not supported: hull keeps json-file logs or none",
                 log.kind
             )));
+        }
+        if !log.kind.is_empty() {
+            flag("--log-driver", &log.kind);
         }
         for (k, v) in log.config.unwrap_or_default() {
             flag("--log-opt", &format!("{k}={v}"));
@@ -611,7 +614,7 @@ fn inspect_value(c: &Container, st: &State) -> Value {
             "ReadonlyRootfs": spec.read_only,
             "RestartPolicy": { "Name": "no", "MaximumRetryCount": 0 },
             "LogConfig": {
-                "Type": "json-file",
+                "Type": c.config.log.driver.name(),
                 "Config": {
                     "max-size": c.config.log.max_size.to_string(),
                     "max-file": c.config.log.max_file.to_string(),
@@ -804,6 +807,13 @@ pub async fn logs(api: Arc<Api>, key: &str, query: &Query) -> ApiResult {
         let key = key.to_string();
         blocking(move || api.find(&key)).await?
     };
+    if c.config.log.driver == crate::logfile::LogDriver::None {
+        // Docker's status and words for a driver that keeps nothing.
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "configured logging driver does not support reading",
+        ));
+    }
     let tty = c.config.spec.tty;
     let (response, tx) = streaming(if tty {
         super::stream::RAW_STREAM
@@ -1015,6 +1025,12 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(none.network.as_deref(), Some("none"));
+        let quiet = parse_run_args(&argv(
+            r#"{"Image":"i","HostConfig":{"LogConfig":{"Type":"none"}}}"#,
+            None,
+        ))
+        .unwrap();
+        assert_eq!(quiet.log_driver.as_deref(), Some("none"));
         for bad in [
             r#"{"Image":"i","HostConfig":{"NetworkMode":"host"}}"#,
             r#"{"Image":"i","HostConfig":{"LogConfig":{"Type":"syslog"}}}"#,
