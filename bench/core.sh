@@ -88,20 +88,23 @@ echo "rss: hull VMM pid $hpid: $hrss KiB (its monitor, pid $mpid: $mrss KiB); qe
 row "VMM resident memory beyond guest RAM" "$(awk -v k="$hrss" 'BEGIN { printf "%.1f", k / 1024 }')" "$(awk -v k="$qrss" 'BEGIN { printf "%.1f", k / 1024 }')" "RSS outside guest RAM (its mapping, and the kernel and initramfs mapped into it), idle 256 MiB guest; peer QEMU -M microvm" MiB
 hull rm -f bench-exec bench-rss >/dev/null 2>&1
 
-# stdout throughput: hull run's stdout vs a pipe inside the same guest.
+# stdout throughput: hull run's stdout vs a pipe inside the same guest, and
+# the same with no log: the data path alone (json-file writes a NUL as six
+# bytes, \u0000, so zeros cost the log six times their size). Interleaved;
+# each sample's MB/s is taken with the run's fixed cost removed.
 MB=32
-tt=$(elapsed sh -c "hull run --rm busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")
 fixed=$(median $rt)
-pipe=$(hull run --rm busybox sh -c 'a=$(cut -d" " -f1 /proc/uptime); head -c 64000000 /dev/zero | wc -c >/dev/null; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%.2f\", 64 / (b - a) }"')
-hs=$(awk -v t="$tt" -v f="$fixed" -v mb="$MB" 'BEGIN { d = t - f; if (d <= 0.01) d = 0.01; printf "%.2f", mb / d }')
-echo "stdout: $MB MB in $tt s (fixed cost $fixed s); guest pipe $pipe MB/s"
-row "container stdout throughput" "$hs" "$pipe" "$MB MB through hull run's stdout minus the run's fixed cost; peer: 64 MB through a pipe inside the guest" MB/s
-# The same with no log: the data path alone (json-file writes a NUL as six
-# bytes, \u0000, so zeros cost the log six times their size).
-tn=$(elapsed sh -c "hull run --rm --log-driver none busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")
-hn=$(awk -v t="$tn" -v f="$fixed" -v mb="$MB" 'BEGIN { d = t - f; if (d <= 0.01) d = 0.01; printf "%.2f", mb / d }')
-echo "stdout, --log-driver none: $MB MB in $tn s"
-row "container stdout throughput, --log-driver none" "$hn" "$pipe" "as above, with no log written" MB/s
+mbps() { awk -v t="$1" -v f="$fixed" -v mb="$MB" 'BEGIN { d = t - f; if (d <= 0.01) d = 0.01; printf "%.2f", mb / d }'; }
+hs= hn= ps=
+for i in $(seq "$RUNS"); do
+	hs="$hs $(mbps "$(elapsed sh -c "hull run --rm busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")")"
+	hn="$hn $(mbps "$(elapsed sh -c "hull run --rm --log-driver none busybox sh -c 'head -c ${MB}000000 /dev/zero' | wc -c")")"
+	ps="$ps $(hull run --rm busybox sh -c 'a=$(cut -d" " -f1 /proc/uptime); head -c 64000000 /dev/zero | wc -c >/dev/null; b=$(cut -d" " -f1 /proc/uptime); awk -v a=$a -v b=$b "BEGIN { printf \"%.2f\", 64 / (b - a) }"')"
+done
+pipe=$(median $ps)
+echo "stdout MB/s (fixed cost $fixed s): json-file$hs; --log-driver none$hn; guest pipe$ps"
+row "container stdout throughput" "$(median $hs)" "$pipe" "$MB MB through hull run's stdout minus the run's fixed cost; peer: 64 MB through a pipe inside the guest" MB/s
+row "container stdout throughput, --log-driver none" "$(median $hn)" "$pipe" "as above, with no log written" MB/s
 
 # 8 containers at once vs one.
 t0=$(now)
