@@ -72,6 +72,9 @@ const CLIENT_QUEUE_MAX: usize = 8 << 20;
 const GUEST_QUEUE_MAX: usize = 256 << 10;
 /// Most clients at once.
 const MAX_CLIENTS: usize = 64;
+/// Bytes read from the guest or a client at a time, at most (straight into
+/// its frame decoder).
+const READ_MAX: usize = 64 << 10;
 /// How long a foreground run's monitor holds the command for its client.
 const ATTACH_WAIT: Duration = Duration::from_secs(30);
 /// After the SIGKILL of a stop, how long before the VM itself is stopped.
@@ -140,8 +143,6 @@ enum MainOutcome {
 }
 
 struct Monitor {
-    /// One read's worth, reused by every read (guest and clients).
-    read_buf: Vec<u8>,
     /// The log record being made, reused for every chunk of output.
     log_buf: Vec<u8>,
     guest: UnixStream,
@@ -275,7 +276,6 @@ impl Monitor {
         stop_signal: i32,
     ) -> Self {
         Self {
-            read_buf: vec![0; 64 << 10],
             log_buf: Vec::new(),
             guest,
             guest_decoder: FrameDecoder::new(),
@@ -552,11 +552,10 @@ impl Monitor {
     }
 
     fn read_guest(&mut self) {
-        let buf = &mut self.read_buf;
-        let want = self.guest_decoder.room().clamp(1, buf.len());
-        match self.guest.read(&mut buf[..want]) {
+        let guest = &mut self.guest;
+        match self.guest_decoder.fill_with(READ_MAX, |b| guest.read(b)) {
             Ok(0) => self.guest_open = false,
-            Ok(n) => self.guest_decoder.feed(&buf[..n]),
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -598,14 +597,13 @@ impl Monitor {
     }
 
     fn read_client(&mut self, idx: usize) {
-        let buf = &mut self.read_buf;
         let Some(c) = self.clients.get_mut(idx) else {
             return;
         };
-        let want = c.decoder.room().clamp(1, buf.len());
-        match c.stream.read(&mut buf[..want]) {
+        let stream = &mut c.stream;
+        match c.decoder.fill_with(READ_MAX, |b| stream.read(b)) {
             Ok(0) => c.gone = true,
-            Ok(n) => c.decoder.feed(&buf[..n]),
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),

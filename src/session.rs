@@ -21,6 +21,9 @@ const MAX_QUEUED: usize = 256 * 1024;
 const STDIN_CHUNK: usize = 64 * 1024;
 /// Most of the init's notes kept in [`Marks`] (a guest sends as many as it likes).
 const MAX_NOTES: usize = 256;
+/// Bytes read from the stream at a time, at most (straight into the frame
+/// decoder).
+const READ_MAX: usize = 64 * 1024;
 
 /// How the container ended, as the guest reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +90,6 @@ struct Session<'a> {
     relay: &'a Relay,
     queue: Vec<u8>,
     decoder: FrameDecoder,
-    /// One read's worth, reused by every read of the stream.
-    read_buf: Vec<u8>,
     outcome: Option<Outcome>,
     stdin_open: bool,
     marks: Marks,
@@ -156,11 +157,10 @@ impl Session<'_> {
     }
 
     fn read_stream(&mut self) -> Result<bool, SessionError> {
-        let buf = &mut self.read_buf;
-        let want = self.decoder.room().min(buf.len()).max(1);
-        match self.stream.read(&mut buf[..want]) {
+        let stream = &mut self.stream;
+        match self.decoder.fill_with(READ_MAX, |b| stream.read(b)) {
             Ok(0) => return Ok(false),
-            Ok(n) => self.decoder.feed(&buf[..n]),
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -254,7 +254,6 @@ pub fn run(
         relay,
         queue: Vec::new(),
         decoder: FrameDecoder::new(),
-        read_buf: vec![0; 64 * 1024],
         outcome: None,
         stdin_open: relay.stdin.is_some(),
         marks: Marks::default(),

@@ -394,11 +394,20 @@ fn put_header(out: &mut Vec<u8>, k: u8, head: &[u8], rest: usize) -> Result<(), 
     Ok(())
 }
 
-/// Incremental decoder for a non-blocking reader: feed it bytes as they come,
-/// take whole frames out. Holds at most one frame's worth of bytes.
+/// Incremental decoder for a non-blocking reader: feed it bytes as they come
+/// (or let it read them in place, [`fill_with`](Self::fill_with)), take
+/// whole frames out. Holds at most one frame's worth of bytes.
+///
+/// Frames taken out only move a read position: what is left is moved to the
+/// front once per fill, not once per frame (a read holding many small
+/// frames would otherwise move its tail once for each).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
+    /// Bytes `start..end` are received and not yet decoded; the rest is
+    /// room, kept allocated (and initialized) between reads.
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl FrameDecoder {
@@ -412,12 +421,44 @@ impl FrameDecoder {
     /// (callers read at most this much, so the buffer stays bounded).
     #[must_use]
     pub fn room(&self) -> usize {
-        (HEADER_LEN + MAX_PAYLOAD).saturating_sub(self.buf.len())
+        (HEADER_LEN + MAX_PAYLOAD).saturating_sub(self.end - self.start)
+    }
+
+    /// Room for `n` more bytes at `end`, the pending bytes moved to the front.
+    fn make_room(&mut self, n: usize) -> &mut [u8] {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..self.end + n]
     }
 
     /// Appends received bytes.
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.make_room(bytes.len()).copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Lets `read` put up to `max` bytes (and at most [`room`](Self::room),
+    /// but at least one) straight into the decoder's buffer (no copy on the
+    /// way in) and returns
+    /// what it returned: the count it read, 0 at end of stream, or its error.
+    ///
+    /// # Errors
+    /// `read`'s.
+    pub fn fill_with(
+        &mut self,
+        max: usize,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        let want = max.min(self.room()).max(1);
+        let n = read(self.make_room(want))?;
+        self.end += n.min(want);
+        Ok(n)
     }
 
     /// The next complete frame, if one is buffered.
@@ -425,20 +466,25 @@ impl FrameDecoder {
     /// # Errors
     /// The buffered bytes are not a valid frame.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        if self.buf.len() < HEADER_LEN {
+        let pending = &self.buf[self.start..self.end];
+        if pending.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = usize::try_from(u32::from_le_bytes(le4(&self.buf[1..])))
+        let len = usize::try_from(u32::from_le_bytes(le4(&pending[1..])))
             .map_err(|_| ProtocolError::Invalid("length".into()))?;
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::Invalid(format!("payload of {len} bytes")));
         }
-        if self.buf.len() < HEADER_LEN + len {
+        if pending.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let k = self.buf[0];
-        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
+        let k = pending[0];
+        let payload = pending[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.start += HEADER_LEN + len;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
         Frame::decode(k, payload).map(Some)
     }
 }
@@ -533,6 +579,38 @@ mod tests {
             }
         }
         assert_eq!(out, all_frames());
+    }
+
+    #[test]
+    fn one_feed_of_many_frames_yields_each_and_room_counts_only_the_rest() {
+        let frames: Vec<Frame> = (0..50u8).map(|i| Frame::Stdout(vec![i; 100])).collect();
+        let mut stream = Vec::new();
+        for f in &frames {
+            f.encode_into(&mut stream).unwrap();
+        }
+        let full = HEADER_LEN + MAX_PAYLOAD;
+        let mut d = FrameDecoder::new();
+        // All but half of the last frame in one feed, the rest in another.
+        let cut = stream.len() - 50;
+        d.feed(&stream[..cut]);
+        assert_eq!(d.room(), full - cut);
+        let mut out = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            out.push(f);
+        }
+        assert_eq!(out.len(), 49);
+        let left = cut - 49 * (HEADER_LEN + 100);
+        assert_eq!(d.room(), full - left, "decoded frames are not counted");
+        let mut rest = &stream[cut..];
+        let n = d
+            .fill_with(usize::MAX, |b| std::io::Read::read(&mut rest, b))
+            .unwrap();
+        assert_eq!(n, 50);
+        assert_eq!(d.next_frame().unwrap(), frames.last().cloned());
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.room(), full);
+        out.push(frames[49].clone());
+        assert_eq!(out, frames);
     }
 
     #[test]
