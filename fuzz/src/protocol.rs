@@ -52,7 +52,30 @@ pub fn run(data: &[u8]) {
         let piece = (1 + usize::try_from(seed % 64).unwrap_or(0))
             .min(room)
             .min(stream.len() - at);
-        decoder.feed(&stream[at..at + piece]);
+        // Fed, read in place, or a read that would block (which changes
+        // nothing), as the monitor and the client read.
+        match seed % 3 {
+            0 => {
+                decoder.feed(&stream[at..at + piece]);
+            }
+            1 => {
+                let n = decoder
+                    .fill_with(piece, |b| {
+                        let n = b.len().min(piece);
+                        b[..n].copy_from_slice(&stream[at..at + n]);
+                        Ok(n)
+                    })
+                    .unwrap_or(0);
+                assert_eq!(n, piece, "fill_with took less than offered");
+            }
+            _ => {
+                let blocked =
+                    decoder.fill_with(piece, |_| Err(std::io::ErrorKind::WouldBlock.into()));
+                assert!(blocked.is_err());
+                assert_eq!(decoder.room(), room, "a blocked read changed the decoder");
+                continue;
+            }
+        }
         at += piece;
     }
 

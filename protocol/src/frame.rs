@@ -437,7 +437,7 @@ impl FrameDecoder {
         &mut self.buf[self.end..self.end + n]
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes (callers bound them by [`room`](Self::room)).
     pub fn feed(&mut self, bytes: &[u8]) {
         self.make_room(bytes.len()).copy_from_slice(bytes);
         self.end += bytes.len();
@@ -456,8 +456,8 @@ impl FrameDecoder {
         read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
     ) -> std::io::Result<usize> {
         let want = max.min(self.room()).max(1);
-        let n = read(self.make_room(want))?;
-        self.end += n.min(want);
+        let n = read(self.make_room(want))?.min(want);
+        self.end += n;
         Ok(n)
     }
 

@@ -417,6 +417,15 @@ impl Console {
                         self.tx_inflight = Some(chain);
                         return Ok(());
                     }
+                    // The guest's buffer, not the socket: that chain is
+                    // given back as it is, the port stays open.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        crate::rate_limited!(
+                            debug,
+                            "virtio-console: unusable transmit buffer: {e}"
+                        );
+                        break;
+                    }
                     Err(e) => {
                         crate::rate_limited!(debug, "virtio-console: host end closed: {e}");
                         self.tx_closed = true;
@@ -572,15 +581,18 @@ fn push_ctrl(out: &mut VecDeque<Vec<u8>>, msg: Vec<u8>) {
 /// bounce buffer).
 fn send_chain(stream: &UnixStream, mem: &GuestMemoryMmap, chain: &TxChain) -> io::Result<usize> {
     let want = (chain.total - chain.sent).min(TX_SEND_MAX);
-    // The guards keep each slice's pointer valid while the call runs (for
-    // plain mmap'd guest RAM they are the mapping's own addresses).
-    let mut guards = Vec::new();
+    // `mem` is borrowed for the call, so its regions stay mapped; the guards
+    // are its plain addresses (they map on demand only under vm-memory's
+    // xen feature, which hull does not use). A piece outside guest RAM (the
+    // chain was checked, so never) is the guest's fault: InvalidData.
+    let mut guards = Vec::with_capacity(chain.bufs.len());
     for_each_piece(&chain.bufs, chain.sent, want, |addr, k| {
         for slice in GuestMemoryBackend::get_slices(mem, addr, k) {
             if guards.len() == TX_IOVECS_MAX {
                 break;
             }
-            guards.push(slice.map_err(io::Error::other)?.ptr_guard());
+            let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            guards.push(slice.ptr_guard());
         }
         Ok::<(), io::Error>(())
     })?;
@@ -591,14 +603,15 @@ fn send_chain(stream: &UnixStream, mem: &GuestMemoryMmap, chain: &TxChain) -> io
             iov_len: g.len(),
         })
         .collect();
-    // SAFETY: all-zero is a valid `msghdr` (no name, no control data).
+    // SAFETY: all-zero is a valid `msghdr` (no name, no control data; musl's
+    // padding fields zeroed too).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_mut_ptr();
-    // At most TX_IOVECS_MAX entries: fits the field's type (an int on musl).
-    msg.msg_iovlen = iov
-        .len()
-        .try_into()
-        .map_err(|_| io::Error::other("too many pieces for one sendmsg"))?;
+    // At most TX_IOVECS_MAX entries: fits the field's type, which differs
+    // between libcs (an int on musl, a size_t on glibc).
+    #[allow(clippy::useless_conversion)]
+    let iovlen = iov.len().try_into();
+    msg.msg_iovlen = iovlen.map_err(|_| io::Error::other("too many pieces for one sendmsg"))?;
     // SAFETY: each iovec points into guest RAM that `mem` keeps mapped (the
     // guards above are alive), valid for reads of its length; the kernel
     // only reads them (the guest may change the bytes meanwhile, which only
