@@ -6,6 +6,8 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: the local APIC has the TSC-deadline timer mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX: the package has more than one logical processor.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0xb ECX level types.
@@ -23,11 +25,24 @@ fn bits_for(n: u32) -> u32 {
 /// KVM's supported table already carries the KVM paravirt leaves
 /// (0x4000_0000: "KVMKVMKVM", 0x4000_0001: kvm-clock and friends), which is
 /// what lets the guest use kvm-clock instead of calibrating against the PIT.
-pub fn patch(cpuid: &mut CpuId, cpu_index: u8, cpu_count: u8) {
+///
+/// `tsc_deadline`: KVM emulates the local APIC's TSC-deadline timer
+/// (`KVM_CAP_TSC_DEADLINE_TIMER`) but leaves its CPUID bit to the VMM
+/// (Firecracker and QEMU set it too). Without it the guest kernel first
+/// measures its APIC timer against jiffies (a tenth of a second of ticks,
+/// far longer where the host is itself emulated).
+pub fn patch(cpuid: &mut CpuId, cpu_index: u8, cpu_count: u8, tsc_deadline: bool) {
     let apic_id = u32::from(cpu_index);
     let count = u32::from(cpu_count);
     for entry in cpuid.as_mut_slice() {
         patch_entry(entry, apic_id, count);
+        if entry.function == 0x1 {
+            if tsc_deadline {
+                entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+            } else {
+                entry.ecx &= !LEAF1_ECX_TSC_DEADLINE;
+            }
+        }
     }
 }
 
@@ -109,6 +124,21 @@ mod tests {
         single.edx = LEAF1_EDX_HTT;
         patch_entry(&mut single, 0, 1);
         assert_eq!(single.edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_only_when_kvm_has_it() {
+        for have in [true, false] {
+            let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(7, 0)]).unwrap();
+            cpuid.as_mut_slice()[1].ecx = LEAF1_ECX_TSC_DEADLINE;
+            patch(&mut cpuid, 0, 1, have);
+            let [leaf1, leaf7] = cpuid.as_slice() else {
+                panic!("two entries")
+            };
+            assert_eq!(leaf1.ecx & LEAF1_ECX_TSC_DEADLINE != 0, have);
+            assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+            assert_eq!(leaf7.ecx, LEAF1_ECX_TSC_DEADLINE, "other leaves untouched");
+        }
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub fn configure(
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err(index, "KVM_GET_SUPPORTED_CPUID"))?;
-    cpuid::patch(&mut cpuid, index, count);
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    cpuid::patch(&mut cpuid, index, count, tsc_deadline);
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
 
