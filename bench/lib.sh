@@ -54,29 +54,12 @@ make_trivial_initrd() {
 	rm -rf "$d"
 }
 
-# Resident memory (KiB) of process $1 outside its guest's RAM: outside
-# mappings of at least $2 MiB and, given the guest's size $3 (MiB), outside
-# hull's guest RAM range. hull's VMM maps the kernel and initramfs into that
-# range, which splits it into pieces; the one of vmlinux at file offset
-# 0x200000 is the kernel's first segment, at guest-physical 16 MiB
-# (`readelf -l vmlinux`), which places the whole range.
+# Resident memory (KiB) of process $1 outside mappings of at least $2 MiB
+# (the guest's RAM): what the VMM itself costs.
 rss_beyond_guest() {
-	awk -v min="$(($2 * 1024 * 1024))" -v guest="$((${3:-0} * 1024 * 1024))" '
-		function hex(s, i, n) {
-			n = 0
-			for (i = 1; i <= length(s); i++) n = n * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
-			return n
-		}
-		/^[0-9a-f]+-[0-9a-f]+ / {
-			split($1, r, "-"); k++; lo[k] = hex(r[1]); hi[k] = hex(r[2])
-			if ($NF ~ /\/vmlinux$/ && $3 == "00200000") base = lo[k] - 16 * 1024 * 1024
-		}
-		/^Rss:/ { rss[k] = $2 }
-		END {
-			for (i = 1; i <= k; i++) {
-				inside = guest > 0 && base > 0 && lo[i] >= base && hi[i] <= base + guest
-				if (!inside && hi[i] - lo[i] < min) total += rss[i]
-			}
-			print total + 0
-		}' "/proc/$1/smaps"
+	awk -v min="$(($2 * 1024))" '
+		/^[0-9a-f]+-[0-9a-f]+ / { big = 0 }
+		/^Size:/ { big = ($2 >= min) }
+		/^Rss:/ { if (!big) total += $2 }
+		END { print total + 0 }' "/proc/$1/smaps"
 }
