@@ -600,13 +600,7 @@ fn inspect(args: &ContainersArg) -> Result<ExitCode> {
                 "Cpus": c.config.cpus,
                 "AutoRemove": c.config.auto_remove,
                 "Kernel": c.config.kernel,
-                "LogConfig": {
-                    "Type": c.config.log.driver.name(),
-                    "Config": {
-                        "max-size": c.config.log.max_size.to_string(),
-                        "max-file": c.config.log.max_file.to_string(),
-                    },
-                },
+                "LogConfig": c.config.log.docker_log_config(),
             },
             "Mounts": std::iter::once(serde_json::json!(
                 { "Type": "overlay", "Destination": "/", "Upper": c.path(crate::container::files::SCRATCH), "RW": !c.config.spec.read_only }

@@ -46,6 +46,17 @@ pub enum LogDriver {
 }
 
 impl LogDriver {
+    /// The driver docker calls `name`: `json-file` (also `local`, and the
+    /// empty name: the default) or `none`; `None` for a driver hull lacks.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "" | "json-file" | "local" => Some(Self::JsonFile),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
     /// Docker's name for it.
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -85,6 +96,20 @@ impl Default for LogOptions {
 pub struct LogOptError(String);
 
 impl LogOptions {
+    /// docker's `HostConfig.LogConfig` of these options, as `inspect` shows
+    /// it (the `none` driver has no options).
+    #[must_use]
+    pub fn docker_log_config(&self) -> serde_json::Value {
+        let config = match self.driver {
+            LogDriver::JsonFile => serde_json::json!({
+                "max-size": self.max_size.to_string(),
+                "max-file": self.max_file.to_string(),
+            }),
+            LogDriver::None => serde_json::json!({}),
+        };
+        serde_json::json!({ "Type": self.driver.name(), "Config": config })
+    }
+
     /// Parses `--log-driver` (`json-file`, `local`: the same, `none`) and
     /// `--log-opt KEY=VALUE` options: `max-size` (docker's size notation,
     /// e.g. `10m`) and `max-file` (a count from 1).
@@ -93,21 +118,16 @@ impl LogOptions {
     /// An unknown driver, key or value, or options for `none`.
     pub fn parse(driver: Option<&str>, opts: &[String]) -> Result<Self, LogOptError> {
         let mut out = Self::default();
-        match driver.unwrap_or_default() {
-            "" | "json-file" | "local" => {}
-            "none" => {
-                if let Some(opt) = opts.first() {
-                    return Err(LogOptError(format!(
-                        "--log-opt {opt:?} with --log-driver none: that driver takes no options"
-                    )));
-                }
-                out.driver = LogDriver::None;
-            }
-            other => {
-                return Err(LogOptError(format!(
-                    "logging driver {other:?} is not supported: use json-file (or local) or none"
-                )))
-            }
+        let name = driver.unwrap_or_default();
+        out.driver = LogDriver::from_name(name).ok_or_else(|| {
+            LogOptError(format!(
+                "logging driver {name:?} is not supported: use json-file (or local) or none"
+            ))
+        })?;
+        if let (LogDriver::None, Some(opt)) = (out.driver, opts.first()) {
+            return Err(LogOptError(format!(
+                "--log-opt {opt:?} with --log-driver none: that driver takes no options"
+            )));
         }
         for opt in opts {
             let Some((key, value)) = opt.split_once('=') else {
@@ -533,6 +553,20 @@ mod tests {
         let o: LogOptions = serde_json::from_str(r#"{"driver":"none"}"#).unwrap();
         assert_eq!((o.driver, o.max_file), (LogDriver::None, DEFAULT_MAX_FILE));
         assert_eq!(LogDriver::None.name(), "none");
+        assert_eq!(LogDriver::from_name("local"), Some(LogDriver::JsonFile));
+        assert_eq!(LogDriver::from_name("journald"), None);
+    }
+
+    #[test]
+    fn inspect_shows_dockers_log_config() {
+        let o = LogOptions::default().docker_log_config();
+        assert_eq!(o["Type"], "json-file");
+        assert_eq!(o["Config"]["max-file"], DEFAULT_MAX_FILE.to_string());
+        assert_eq!(o["Config"]["max-size"], DEFAULT_MAX_SIZE.to_string());
+        let none = LogOptions::parse(Some("none"), &[])
+            .unwrap()
+            .docker_log_config();
+        assert_eq!(none, serde_json::json!({ "Type": "none", "Config": {} }));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    install_busybox, stripped, tool_files, EmulatedHost, OciImage, Registry, ENTER_NEW_ROOT,
+    install_busybox, stripped, tool_files, value, EmulatedHost, OciImage, Registry, ENTER_NEW_ROOT,
     NEW_ROOT,
 };
 
@@ -41,12 +41,6 @@ start_service() {
 }
 start_service
 "#;
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-}
 
 /// A registry's storage holding `bbpull:latest` (busybox and /marker),
 /// made here with umoci and skopeo; the emulated host serves a copy of it.

@@ -9,16 +9,10 @@
 
 mod common;
 
-use common::EmulatedHost;
+use common::{assert_values, value, EmulatedHost};
 
 const PRELUDE: &str =
     "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-}
 
 /// A shell function: `vmm_of NAME` prints the pid of container NAME's VMM
 /// (the monitor's child running `hull __vmm`), once the container runs a
@@ -172,10 +166,15 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
         "{out}"
     );
     // 256 MiB of guest RAM plus the VMM's 128; one CPU plus half for devices.
-    assert_eq!(value(out, "memory.max="), Some("402653184"), "{out}");
-    assert_eq!(value(out, "cpu.max="), Some("150000 100000"), "{out}");
-    assert_eq!(value(out, "exec="), Some("inside"), "{out}");
-    assert_eq!(value(out, "debug-run="), Some("0"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("memory.max=", "402653184"),
+            ("cpu.max=", "150000 100000"),
+            ("exec=", "inside"),
+            ("debug-run=", "0"),
+        ],
+    );
     run.assert_stdout_contains("jail: entered in");
     assert_eq!(value(out, "debug-output="), Some("1"), "{out}");
     run.assert_stdout_contains("the VMM process was killed by signal 9");
@@ -191,13 +190,18 @@ su user -c "export PATH=$PATH HOME=/home/user; hull stop -t 1 mine >/dev/null; e
     );
 
     run.assert_stdout_contains("rootless-hello");
-    assert_eq!(value(out, "rootless-run="), Some("0"), "{out}");
-    assert_eq!(value(out, "rootless-d="), Some("0"), "{out}");
-    assert_eq!(value(out, "rootless-vmm-found="), Some("yes"), "{out}");
-    assert_eq!(value(out, "rootless-uid="), Some("1000"), "{out}");
-    assert_eq!(value(out, "rootless-ns-user="), Some("own"), "{out}");
-    assert_eq!(value(out, "rootless-ns-mnt="), Some("own"), "{out}");
-    assert_eq!(value(out, "rootless-root-entries="), Some("0"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("rootless-run=", "0"),
+            ("rootless-d=", "0"),
+            ("rootless-vmm-found=", "yes"),
+            ("rootless-uid=", "1000"),
+            ("rootless-ns-user=", "own"),
+            ("rootless-ns-mnt=", "own"),
+            ("rootless-root-entries=", "0"),
+        ],
+    );
     let rootless: Vec<&str> = out
         .lines()
         .filter(|l| l.starts_with("rootless-thread "))

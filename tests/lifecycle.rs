@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{EmulatedHost, HostRun};
+use common::{assert_values, value, EmulatedHost, HostRun};
 
 /// The prelude every script needs: PATH with mkfs.ext4, the kernel, and a
 /// helper that prints a command's status as `NAME=status`.
@@ -24,12 +24,6 @@ fn host_run(script: &str) -> HostRun {
     );
     run.assert_success();
     run
-}
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
 }
 
 #[test]
@@ -63,10 +57,15 @@ echo "ps-a-after-rm=$(hull ps -aq | wc -l)"
 "#,
     );
     let out = &run.stdout;
-    assert_eq!(value(out, "run-d="), Some("0"), "{out}");
-    assert_eq!(value(out, "id-len="), Some("64"), "{out}");
-    assert_eq!(value(out, "kill-early="), Some("0"), "{out}");
-    assert_eq!(value(out, "kill="), Some("0"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("run-d=", "0"),
+            ("id-len=", "64"),
+            ("kill-early=", "0"),
+            ("kill=", "0"),
+        ],
+    );
     assert!(value(out, "usr1-seen=").is_some_and(|n| n != "0"), "{out}");
     assert_eq!(value(out, "ps-lists="), Some("1"), "{out}");
     assert_eq!(value(out, "ps-q=").map(str::len), Some(12), "{out}");
@@ -132,9 +131,14 @@ echo "all-gone=$(hull ps -aq | wc -l)"
 "#,
     );
     let out = &run.stdout;
-    assert_eq!(value(out, "done="), Some("0"), "{out}");
-    assert_eq!(value(out, "pid-found="), Some("yes"), "{out}");
-    assert_eq!(value(out, "victim-exited="), Some("1"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("done=", "0"),
+            ("pid-found=", "yes"),
+            ("victim-exited=", "1"),
+        ],
+    );
     run.assert_stdout_contains("monitor died");
     assert_eq!(value(out, "prune="), Some("0"), "{out}");
     // The killed monitor's socket is cleaned with the container.
@@ -142,9 +146,14 @@ echo "all-gone=$(hull ps -aq | wc -l)"
     assert_eq!(value(out, "victim-socket-after="), Some("0"), "{out}");
     run.assert_stdout_contains("Total reclaimed space:");
     // prune removed the dead victim and the finished one; the survivor runs on.
-    assert_eq!(value(out, "left="), Some("1"), "{out}");
-    assert_eq!(value(out, "survivor-running="), Some("1"), "{out}");
-    assert_eq!(value(out, "rm-running="), Some("1"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("left=", "1"),
+            ("survivor-running=", "1"),
+            ("rm-running=", "1"),
+        ],
+    );
     run.assert_stdout_contains("container survivor is running: stop it first, or use `hull rm -f`");
     assert_eq!(value(out, "rm-f="), Some("0"), "{out}");
     assert_eq!(value(out, "all-gone="), Some("0"), "{out}");
@@ -198,14 +207,19 @@ hull exec box true; echo "exec-after-rm=$?"
     assert_eq!(value(out, "exec="), Some("4"), "{out}");
     run.assert_stdout_contains("out: hi");
     run.assert_stdout_contains("out: FOO=from-run");
-    assert_eq!(value(out, "env-override="), Some("from-exec"), "{out}");
-    assert_eq!(value(out, "stdin="), Some("piped"), "{out}");
-    assert_eq!(value(out, "no-stdin="), Some("[]"), "{out}");
-    assert_eq!(value(out, "user="), Some("65534"), "{out}");
-    assert_eq!(value(out, "cwd="), Some("/tmp"), "{out}");
-    assert_eq!(value(out, "missing="), Some("127"), "{out}");
-    assert_eq!(value(out, "rm-f="), Some("0"), "{out}");
-    assert_eq!(value(out, "exec-after-rm="), Some("125"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("env-override=", "from-exec"),
+            ("stdin=", "piped"),
+            ("no-stdin=", "[]"),
+            ("user=", "65534"),
+            ("cwd=", "/tmp"),
+            ("missing=", "127"),
+            ("rm-f=", "0"),
+            ("exec-after-rm=", "125"),
+        ],
+    );
 }
 
 #[test]

@@ -8,13 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::EmulatedHost;
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-}
+use common::{assert_values, value, EmulatedHost};
 
 fn number(out: &str, key: &str) -> u64 {
     value(out, key)
@@ -75,9 +69,7 @@ hull rm quiet >/dev/null
     );
     run.assert_success();
     let out = &run.stdout;
-    assert_eq!(value(out, "run-d="), Some("0"), "{out}");
-    assert_eq!(value(out, "wait="), Some("0"), "{out}");
-    assert_eq!(value(out, "follow="), Some("0"), "{out}");
+    assert_values(out, &[("run-d=", "0"), ("wait=", "0"), ("follow=", "0")]);
     // container.log and container.log.1, about 1 MiB each, nothing more.
     assert_eq!(value(out, "log-files="), Some("2"), "{out}");
     let bytes = number(out, "log-bytes=");
@@ -98,14 +90,19 @@ hull rm quiet >/dev/null
         Some("0"),
         "logs -f lost or repeated output across rotations: {out}"
     );
-    assert_eq!(value(out, "follow-last="), Some("END-OF-OUTPUT"), "{out}");
-    assert_eq!(value(out, "inspect-max-size="), Some("1"), "{out}");
-    assert_eq!(value(out, "bad-opt="), Some("125"), "{out}");
-    assert_eq!(value(out, "bad-opt-lines="), Some("1"), "{out}");
-    assert_eq!(value(out, "containers="), Some("1"), "{out}");
-    assert_eq!(value(out, "none-out="), Some("to-the-client"), "{out}");
-    assert_eq!(value(out, "none-log-files="), Some("0"), "{out}");
-    assert_eq!(value(out, "none-logs="), Some("125"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("follow-last=", "END-OF-OUTPUT"),
+            ("inspect-max-size=", "1"),
+            ("bad-opt=", "125"),
+            ("bad-opt-lines=", "1"),
+            ("containers=", "1"),
+            ("none-out=", "to-the-client"),
+            ("none-log-files=", "0"),
+            ("none-logs=", "125"),
+        ],
+    );
     assert!(
         value(out, "none-logs-says=").is_some_and(|s| s.contains("--log-driver none")),
         "{out}"

@@ -14,16 +14,10 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
-use common::{hull_bin, tool_files, EmulatedHost, ENTER_NEW_ROOT, NEW_ROOT};
+use common::{assert_values, hull_bin, tool_files, value, EmulatedHost, ENTER_NEW_ROOT, NEW_ROOT};
 
 const PRELUDE: &str =
     "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin HULL_KERNEL=/opt/hull/vmlinux\n";
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-}
 
 /// Shell lines that give the emulated host an interface with an address and
 /// a default route (passt copies its addressing from it) and a resolver on
@@ -131,31 +125,46 @@ hull rm -f web2 echo >/dev/null
     );
     run.assert_success();
     let out = &run.stdout;
-    assert_eq!(value(out, "import="), Some("0"), "{out}");
-    assert_eq!(value(out, "run-web="), Some("0"), "{out}");
-    assert_eq!(value(out, "page="), Some("container-page"), "{out}");
-    assert_eq!(value(out, "port="), Some("80/tcp -> 0.0.0.0:8080"), "{out}");
-    assert_eq!(value(out, "port-80="), Some("0.0.0.0:8080"), "{out}");
-    assert_eq!(value(out, "ps-ports="), Some("1"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("import=", "0"),
+            ("run-web=", "0"),
+            ("page=", "container-page"),
+            ("port=", "80/tcp -> 0.0.0.0:8080"),
+            ("port-80=", "0.0.0.0:8080"),
+            ("ps-ports=", "1"),
+        ],
+    );
     assert!(out.contains("\"IPAddress\": \"10.0.2.15\""), "{out}");
     assert!(out.contains("\"Gateway\": \"10.0.2.2\""), "{out}");
     assert!(out.contains("\"HostPort\": \"8080\""), "{out}");
-    assert_eq!(value(out, "host-svc="), Some("host-page"), "{out}");
-    assert_eq!(value(out, "docker-name="), Some("host-page"), "{out}");
-    assert_eq!(value(out, "via-port="), Some("container-page"), "{out}");
-    assert_eq!(value(out, "dns="), Some("1"), "{out}");
-    assert_eq!(value(out, "mtu="), Some("65520"), "{out}");
-    assert_eq!(value(out, "ifs="), Some("eth0 lo"), "{out}");
-    assert_eq!(value(out, "hosts-extra="), Some("yes"), "{out}");
-    assert_eq!(value(out, "resolv="), Some("nameserver 10.0.2.3"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("host-svc=", "host-page"),
+            ("docker-name=", "host-page"),
+            ("via-port=", "container-page"),
+            ("dns=", "1"),
+            ("mtu=", "65520"),
+            ("ifs=", "eth0 lo"),
+            ("hosts-extra=", "yes"),
+            ("resolv=", "nameserver 10.0.2.3"),
+        ],
+    );
     assert!(
         value(out, "route=").is_some_and(|r| r.contains("via 10.0.2.2 dev eth0")),
         "{out}"
     );
-    assert_eq!(value(out, "run-client="), Some("0"), "{out}");
-    assert_eq!(value(out, "run-echo="), Some("0"), "{out}");
-    assert_eq!(value(out, "udp="), Some("ping-udp"), "{out}");
-    assert_eq!(value(out, "none-ifs="), Some("lo"), "{out}");
+    assert_values(
+        out,
+        &[
+            ("run-client=", "0"),
+            ("run-echo=", "0"),
+            ("udp=", "ping-udp"),
+            ("none-ifs=", "lo"),
+        ],
+    );
     assert!(value(out, "none-wget=").is_some_and(|c| c != "0"), "{out}");
     assert_eq!(value(out, "none-fast="), Some("yes"), "{out}");
     assert_eq!(value(out, "stop="), Some("0"), "{out}");

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{install_busybox, run_checked, EmulatedHost, HostRun, OciImage};
+use common::{install_busybox, run_checked, value, EmulatedHost, HostRun, OciImage};
 
 /// PATH, the kernel, and `hull run` without a network (these tests need none).
 const PRELUDE: &str = "export PATH=/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin \
@@ -67,12 +67,6 @@ fn host_run_with(script: &str, virtiofsd: bool, files: &[(&Path, &str)]) -> Host
         run.stdout, run.stderr
     );
     run
-}
-
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
 }
 
 #[track_caller]

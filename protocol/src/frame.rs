@@ -445,8 +445,8 @@ impl FrameDecoder {
 
     /// Lets `read` put up to `max` bytes (and at most [`room`](Self::room),
     /// but at least one) straight into the decoder's buffer (no copy on the
-    /// way in) and returns
-    /// what it returned: the count it read, 0 at end of stream, or its error.
+    /// way in) and returns what it returned: the count it read, 0 at end of
+    /// stream, or its error.
     ///
     /// # Errors
     /// `read`'s.

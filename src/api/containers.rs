@@ -239,7 +239,7 @@ pub fn run_argv(body: CreateBody, name: Option<&str>) -> Result<Vec<String>, Api
         flag("--shm-size", &hc.shm_size.to_string());
     }
     if let Some(log) = hc.log_config {
-        if !matches!(log.kind.as_str(), "" | "json-file" | "local" | "none") {
+        if crate::logfile::LogDriver::from_name(&log.kind).is_none() {
             return Err(ApiError::bad_request(format!(
                 "logging driver {:?} is not supported: hull keeps json-file logs or none",
                 log.kind
@@ -613,13 +613,7 @@ fn inspect_value(c: &Container, st: &State) -> Value {
             "NanoCpus": u64::from(c.config.cpus) * 1_000_000_000,
             "ReadonlyRootfs": spec.read_only,
             "RestartPolicy": { "Name": "no", "MaximumRetryCount": 0 },
-            "LogConfig": {
-                "Type": c.config.log.driver.name(),
-                "Config": {
-                    "max-size": c.config.log.max_size.to_string(),
-                    "max-file": c.config.log.max_file.to_string(),
-                },
-            },
+            "LogConfig": c.config.log.docker_log_config(),
             "Binds": null,
             "Runtime": "hull",
         },

@@ -55,6 +55,23 @@ pub const EXIT_TIMEOUT: i32 = 124;
 /// (QEMU died, a prerequisite is missing, bad usage).
 pub const EXIT_HOST_FAILED: i32 = 125;
 
+/// What a script printed after `key` (e.g. `rc=`) on a line of `out`,
+/// trimmed; the first such line counts.
+pub fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+}
+
+/// Asserts that a script printed each `(key, value)` of `expected` (see
+/// [`value`]), showing all of `out` when one is missing or differs.
+#[track_caller]
+pub fn assert_values(out: &str, expected: &[(&str, &str)]) {
+    for (key, want) in expected {
+        assert_eq!(value(out, key), Some(*want), "{key}: {out}");
+    }
+}
+
 /// The hull binary cargo built for these tests (a static musl binary).
 pub fn hull_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hull"))

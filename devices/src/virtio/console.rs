@@ -612,10 +612,10 @@ fn send_chain(stream: &UnixStream, mem: &GuestMemoryMmap, chain: &TxChain) -> io
     #[allow(clippy::useless_conversion)]
     let iovlen = iov.len().try_into();
     msg.msg_iovlen = iovlen.map_err(|_| io::Error::other("too many pieces for one sendmsg"))?;
-    // SAFETY: each iovec points into guest RAM that `mem` keeps mapped (the
-    // guards above are alive), valid for reads of its length; the kernel
-    // only reads them (the guest may change the bytes meanwhile, which only
-    // changes what it sends). The socket is open for the call. MSG_NOSIGNAL:
+    // SAFETY: each iovec points into guest RAM that `mem` keeps mapped (it
+    // is borrowed for this whole call), valid for reads of its length; the
+    // kernel only reads them (the guest may change the bytes meanwhile,
+    // which only changes what it sends). The socket is open for the call. MSG_NOSIGNAL:
     // a closed peer gives EPIPE, not SIGPIPE.
     let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
     match usize::try_from(n) {
