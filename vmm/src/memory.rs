@@ -18,6 +18,15 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// The host could not map aligned memory.
+    #[error("cannot map {mib} MiB of guest memory")]
+    Map {
+        /// Requested size.
+        mib: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused guest memory slot {slot}")]
     Register {
@@ -66,7 +75,60 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map(|(a, len)| usize::try_from(len).map(|len| (a, len)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| MemoryError::Size { mib })?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
+    let regions = ranges
+        .into_iter()
+        .map(|(addr, len)| huge_aligned_region(addr, len))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| MemoryError::Map { mib, source })?;
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Size { mib })
+}
+
+/// Transparent huge pages' size on x86.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// `len` bytes of anonymous RAM for guest address `addr` (2 MiB-aligned),
+/// at a host address that is 2 MiB-aligned too: KVM maps a host huge page
+/// as one guest huge page only where the two addresses agree modulo 2 MiB,
+/// and a plain mmap is only page-aligned (with it, `hull run --rm busybox
+/// true` took 5.09 s instead of 4.08 in the emulated host, 7 of 7 runs
+/// slower). vm-memory maps only at addresses of its own choosing, so the
+/// mapping is made here (a larger one, trimmed to the aligned part) and
+/// handed over raw: it is never unmapped, which a VMM's guest RAM never
+/// is before its process ends anyway.
+fn huge_aligned_region(
+    addr: GuestAddress,
+    len: usize,
+) -> Result<vm_memory::GuestRegionMmap, std::io::Error> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let padded = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+    // SAFETY: a new anonymous mapping at an address the kernel picks.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, prot, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let head = start - base;
+    let tail = HUGE_PAGE - head;
+    // SAFETY: both pieces lie inside the mapping just made and outside
+    // `[start, start + len)`; nothing else knows of them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: `[start, start + len)` is an anonymous read-write mapping of
+    // ours, page-aligned, used by nothing else, and never unmapped.
+    let region = unsafe { vm_memory::MmapRegion::build_raw(start as *mut u8, len, prot, flags) }
+        .map_err(std::io::Error::other)?;
+    vm_memory::GuestRegionMmap::new(region, addr)
+        .ok_or_else(|| std::io::Error::other("guest region past the end of the address space"))
 }
 
 /// Allocates `mib` MiB of guest memory in one memfd, mapped shared: a
@@ -158,6 +220,22 @@ mod tests {
             create_shared(0),
             Err(MemoryError::Size { mib: 0 })
         ));
+    }
+
+    #[test]
+    fn guest_ram_sits_at_huge_page_aligned_host_addresses() {
+        for mib in [3, 16, 64] {
+            let mem = create(mib).unwrap();
+            let r = mem.iter().next().unwrap();
+            assert_eq!(r.len(), mib << 20);
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap();
+            assert_eq!(host as usize % HUGE_PAGE, 0, "{mib} MiB at {host:p}");
+            // Usable end to end.
+            vm_memory::Bytes::write_obj(&mem, 0xabu8, GuestAddress(0)).unwrap();
+            vm_memory::Bytes::write_obj(&mem, 0xcdu8, GuestAddress((mib << 20) - 1)).unwrap();
+        }
     }
 
     #[test]
