@@ -74,7 +74,7 @@ const GUEST_QUEUE_MAX: usize = 256 << 10;
 const MAX_CLIENTS: usize = 64;
 /// Bytes read from the guest or a client at a time, at most (straight into
 /// its frame decoder).
-const READ_MAX: usize = 64 << 10;
+const READ_MAX: usize = 256 << 10;
 /// How long a foreground run's monitor holds the command for its client.
 const ATTACH_WAIT: Duration = Duration::from_secs(30);
 /// After the SIGKILL of a stop, how long before the VM itself is stopped.

@@ -23,7 +23,7 @@ const STDIN_CHUNK: usize = 64 * 1024;
 const MAX_NOTES: usize = 256;
 /// Bytes read from the stream at a time, at most (straight into the frame
 /// decoder).
-const READ_MAX: usize = 64 * 1024;
+const READ_MAX: usize = 256 * 1024;
 
 /// How the container ended, as the guest reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -459,6 +459,17 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Asks for a pipe buffer of `bytes` (`F_SETPIPE_SZ`; the kernel rounds
+/// up to a power-of-two count of pages and caps unprivileged callers at
+/// `/proc/sys/fs/pipe-max-size`).
+///
+/// # Errors
+/// The kernel refused the size.
+pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: borrowed descriptor; F_SETPIPE_SZ takes an int.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }).map(drop)
+}
+
 /// Sets or clears `O_NONBLOCK`.
 ///
 /// # Errors
@@ -596,4 +607,20 @@ pub fn is_root() -> bool {
 #[must_use]
 pub fn makedev(major: u32, minor: u32) -> libc::dev_t {
     libc::makedev(major, minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_pipe_widens_to_what_is_asked_and_refuses_nonsense() {
+        let (r, _w) = pipe().unwrap();
+        set_pipe_size(r.as_fd(), 256 << 10).unwrap();
+        // SAFETY: borrowed descriptor; F_GETPIPE_SZ takes no argument.
+        let size = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        assert_eq!(size, 256 << 10);
+        assert!(set_pipe_size(r.as_fd(), -1).is_err());
+    }
 }

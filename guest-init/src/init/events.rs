@@ -17,8 +17,9 @@ use crate::protocol::{Frame, OUTPUT_HEADER_MAX};
 use crate::spec::{ExecSpec, RunSpec};
 use crate::sys;
 
-/// Largest output chunk per frame (read at once).
-const CHUNK: usize = 64 * 1024;
+/// Largest output chunk per frame (read at once): a quarter of an output
+/// pipe, so a fast writer still has room while the init forwards.
+const CHUNK: usize = 256 * 1024;
 /// Stdin bytes held (for all processes together) for processes that do not
 /// read them before the init stops reading the channel (back-pressure to the
 /// host).

@@ -11,6 +11,10 @@ use crate::command::{os_message, StartError};
 use crate::init::security;
 use crate::sys;
 
+/// The buffer of a process's stdout and stderr pipes: 1 MiB, the default
+/// `pipe-max-size`, which the init's read chunk is sized against.
+pub const OUTPUT_PIPE_SIZE: libc::c_int = 1 << 20;
+
 /// Everything the child needs, prepared before the fork.
 #[derive(Debug)]
 pub struct Prepared {
@@ -139,6 +143,12 @@ pub fn spawn(p: &Prepared) -> Result<Child, StartError> {
         };
         let (out_r, out_w) = sys::pipe().map_err(|e| runtime("pipe", &e))?;
         let (err_r, err_w) = sys::pipe().map_err(|e| runtime("pipe", &e))?;
+        // Wide output pipes: a process that writes fast fills more before
+        // the init runs, so each read (and frame, and host-side wake-up)
+        // carries more. A kernel that refuses keeps its default (64 KiB).
+        for r in [&out_r, &err_r] {
+            let _ = sys::set_pipe_size(r.as_fd(), OUTPUT_PIPE_SIZE);
+        }
         child.stdout = Some(out_r);
         child.stderr = Some(err_r);
         ChildIo::Pipes {
