@@ -64,6 +64,8 @@ const RX_PENDING_MAX: usize = 4096;
 const TX_SEND_MAX: u64 = 256 * 1024;
 /// Pieces of guest memory per `sendmsg`, at most (within `UIO_MAXIOV`).
 const TX_IOVECS_MAX: usize = 256;
+/// The guest's writes sent together, at most (a full ring).
+const TX_CHAINS_MAX: usize = TX_QUEUE_SIZE as usize;
 /// Read/deliver rounds per wake-up; the level-triggered loop comes back for more.
 const RX_ROUNDS: usize = 16;
 /// `struct virtio_console_config`: cols, rows (unused: no size feature),
@@ -113,7 +115,8 @@ pub struct Console {
     rx_eof: bool,
     /// The host cannot take output any more: guest output is discarded.
     tx_closed: bool,
-    tx_inflight: Option<TxChain>,
+    /// The guest's writes being sent, in order; the first may be partly sent.
+    tx_inflight: VecDeque<TxChain>,
     /// What the socket is registered for in epoll (empty: not registered).
     watching: EventSet,
     /// The driver took `VIRTIO_CONSOLE_F_MULTIPORT`: control queues in use.
@@ -139,7 +142,7 @@ impl Console {
             rx_pending: Vec::with_capacity(RX_PENDING_MAX),
             rx_eof: false,
             tx_closed: false,
-            tx_inflight: None,
+            tx_inflight: VecDeque::new(),
             watching: EventSet::empty(),
             multiport: false,
             ctrl_out: VecDeque::new(),
@@ -371,69 +374,90 @@ impl Console {
         // yielded queue event comes back for what is left).
         active.suppress_notifications(TX);
         loop {
-            let mut chain = match self.tx_inflight.take() {
-                Some(chain) => chain,
-                None => {
-                    if batch.left[TX] == 0 {
-                        active.resume_notifications(TX);
-                        return Ok(());
-                    }
-                    let Some((head, bufs)) = active.pop(TX, MAX_DESCS)? else {
-                        if active.resume_notifications(TX) {
-                            continue;
+            // More of the guest's writes join the ones in flight while one
+            // `sendmsg` could still take them.
+            let mut queued: u64 = self.tx_inflight.iter().map(|c| c.total - c.sent).sum();
+            while queued < TX_SEND_MAX
+                && self.tx_inflight.len() < TX_CHAINS_MAX
+                && batch.left[TX] > 0
+            {
+                let Some((head, bufs)) = active.pop(TX, MAX_DESCS)? else {
+                    break;
+                };
+                batch.left[TX] -= 1;
+                if bufs.iter().any(|b| b.writable) || !in_memory(&active.mem, &bufs) {
+                    crate::rate_limited!(debug, "virtio-console: unusable transmit buffer");
+                    active.add_used(TX, head, 0)?;
+                    batch.used[TX] = true;
+                    continue;
+                }
+                let total = total_len(&bufs);
+                queued += total;
+                self.tx_inflight.push_back(TxChain {
+                    head,
+                    bufs,
+                    sent: 0,
+                    total,
+                });
+            }
+            // Sent in order, so the finished ones are at the front (an empty
+            // chain is finished at once).
+            while let Some(chain) = self.tx_inflight.front() {
+                if chain.sent < chain.total {
+                    break;
+                }
+                active.add_used(TX, chain.head, 0)?;
+                batch.used[TX] = true;
+                self.tx_inflight.pop_front();
+            }
+            if self.tx_inflight.is_empty() {
+                // The ring is empty or the budget used up (the yielded queue
+                // event then comes back for the rest).
+                if active.resume_notifications(TX) && batch.left[TX] > 0 {
+                    continue;
+                }
+                return Ok(());
+            }
+            if self.tx_closed {
+                // Nobody reads any more: the chains go back unsent.
+                for chain in &mut self.tx_inflight {
+                    chain.sent = chain.total;
+                }
+                continue;
+            }
+            if batch.tx_bytes >= TX_BYTES_PER_WAKE {
+                // The socket still takes more: it wakes the loop again
+                // (watched for OUT while chains are in flight).
+                return Ok(());
+            }
+            match send_chains(&self.stream, &active.mem, &self.tx_inflight) {
+                Ok(n) => {
+                    batch.tx_bytes += n as u64;
+                    let mut left = n as u64;
+                    for chain in &mut self.tx_inflight {
+                        let k = left.min(chain.total - chain.sent);
+                        chain.sent += k;
+                        left -= k;
+                        if left == 0 {
+                            break;
                         }
-                        return Ok(());
-                    };
-                    batch.left[TX] -= 1;
-                    if bufs.iter().any(|b| b.writable) || !in_memory(&active.mem, &bufs) {
-                        crate::rate_limited!(debug, "virtio-console: unusable transmit buffer");
-                        active.add_used(TX, head, 0)?;
-                        batch.used[TX] = true;
-                        continue;
-                    }
-                    let total = total_len(&bufs);
-                    TxChain {
-                        head,
-                        bufs,
-                        sent: 0,
-                        total,
                     }
                 }
-            };
-            while !self.tx_closed && chain.sent < chain.total {
-                if batch.tx_bytes >= TX_BYTES_PER_WAKE {
-                    // The socket still takes more: it wakes the loop again
-                    // (watched for OUT while a chain is in flight).
-                    self.tx_inflight = Some(chain);
-                    return Ok(());
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // The first chain's buffer, not the socket: that chain is
+                // given back as it is, the port stays open.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    crate::rate_limited!(debug, "virtio-console: unusable transmit buffer: {e}");
+                    if let Some(chain) = self.tx_inflight.front_mut() {
+                        chain.sent = chain.total;
+                    }
                 }
-                match send_chain(&self.stream, &active.mem, &chain) {
-                    Ok(n) => {
-                        chain.sent += n as u64;
-                        batch.tx_bytes += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.tx_inflight = Some(chain);
-                        return Ok(());
-                    }
-                    // The guest's buffer, not the socket: that chain is
-                    // given back as it is, the port stays open.
-                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                        crate::rate_limited!(
-                            debug,
-                            "virtio-console: unusable transmit buffer: {e}"
-                        );
-                        break;
-                    }
-                    Err(e) => {
-                        crate::rate_limited!(debug, "virtio-console: host end closed: {e}");
-                        self.tx_closed = true;
-                    }
+                Err(e) => {
+                    crate::rate_limited!(debug, "virtio-console: host end closed: {e}");
+                    self.tx_closed = true;
                 }
             }
-            active.add_used(TX, chain.head, 0)?;
-            batch.used[TX] = true;
         }
     }
 
@@ -451,7 +475,7 @@ impl Console {
             return;
         }
         let mut chains: Vec<(Vec<Buf>, u64, u64)> = Vec::new();
-        if let Some(chain) = self.tx_inflight.take() {
+        for chain in self.tx_inflight.drain(..) {
             chains.push((chain.bufs, chain.sent, chain.total));
         }
         for _ in 0..active.budget(TX) {
@@ -541,7 +565,7 @@ impl Console {
             if !self.rx_eof && self.rx_pending.len() < RX_PENDING_MAX {
                 want |= EventSet::IN;
             }
-            if self.tx_inflight.is_some() && !self.tx_closed {
+            if !self.tx_inflight.is_empty() && !self.tx_closed {
                 want |= EventSet::OUT;
             }
         }
@@ -574,28 +598,49 @@ fn push_ctrl(out: &mut VecDeque<Vec<u8>>, msg: Vec<u8>) {
     }
 }
 
-/// Sends what the socket takes of the rest of `chain` (at most
-/// [`TX_SEND_MAX`] bytes) with one `sendmsg` straight from guest memory: its
-/// pieces are the message's iovecs, so no copy is made in the VMM and a
-/// 32 KiB guest write is one system call (it was eight of 4 KiB through a
-/// bounce buffer).
-fn send_chain(stream: &UnixStream, mem: &GuestMemoryMmap, chain: &TxChain) -> io::Result<usize> {
-    let want = (chain.total - chain.sent).min(TX_SEND_MAX);
+/// Sends what the socket takes of the rest of `chains` (at most
+/// [`TX_SEND_MAX`] bytes, in order) with one `sendmsg` straight from guest
+/// memory: their pieces are the message's iovecs, so no copy is made in the
+/// VMM and the guest's queued writes (32 KiB each, at most, from Linux)
+/// leave in one system call and one wake-up of the reader (it was eight
+/// calls of 4 KiB through a bounce buffer per write).
+fn send_chains(
+    stream: &UnixStream,
+    mem: &GuestMemoryMmap,
+    chains: &VecDeque<TxChain>,
+) -> io::Result<usize> {
     // `mem` is borrowed for the call, so its regions stay mapped; the guards
     // are its plain addresses (they map on demand only under vm-memory's
     // xen feature, which hull does not use). A piece outside guest RAM (the
-    // chain was checked, so never) is the guest's fault: InvalidData.
-    let mut guards = Vec::with_capacity(chain.bufs.len());
-    for_each_piece(&chain.bufs, chain.sent, want, |addr, k| {
-        for slice in GuestMemoryBackend::get_slices(mem, addr, k) {
-            if guards.len() == TX_IOVECS_MAX {
-                break;
-            }
-            let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            guards.push(slice.ptr_guard());
+    // chains were checked, so never) is the guest's fault: InvalidData for
+    // the first chain; a later one is left out, to be the first next time.
+    let mut guards = Vec::new();
+    let mut want = TX_SEND_MAX;
+    for (i, chain) in chains.iter().enumerate() {
+        if want == 0 || guards.len() == TX_IOVECS_MAX {
+            break;
         }
-        Ok::<(), io::Error>(())
-    })?;
+        let before = guards.len();
+        let n = (chain.total - chain.sent).min(want);
+        let pieces = for_each_piece(&chain.bufs, chain.sent, n, |addr, k| {
+            for slice in GuestMemoryBackend::get_slices(mem, addr, k) {
+                if guards.len() == TX_IOVECS_MAX {
+                    break;
+                }
+                let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                guards.push(slice.ptr_guard());
+            }
+            Ok::<(), io::Error>(())
+        });
+        if let Err(e) = pieces {
+            if i == 0 {
+                return Err(e);
+            }
+            guards.truncate(before);
+            break;
+        }
+        want -= n;
+    }
     let mut iov: Vec<libc::iovec> = guards
         .iter()
         .map(|g| libc::iovec {
@@ -615,8 +660,8 @@ fn send_chain(stream: &UnixStream, mem: &GuestMemoryMmap, chain: &TxChain) -> io
     // SAFETY: each iovec points into guest RAM that `mem` keeps mapped (it
     // is borrowed for this whole call), valid for reads of its length; the
     // kernel only reads them (the guest may change the bytes meanwhile,
-    // which only changes what it sends). The socket is open for the call. MSG_NOSIGNAL:
-    // a closed peer gives EPIPE, not SIGPIPE.
+    // which only changes what it sends). The socket is open for the call.
+    // MSG_NOSIGNAL: a closed peer gives EPIPE, not SIGPIPE.
     let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
     match usize::try_from(n) {
         // Nothing sent of a non-empty rest (a chain's rest is never empty).
@@ -675,7 +720,7 @@ impl VirtioDevice for Console {
         self.stash_tx();
         self.send_backlog();
         self.active = None;
-        self.tx_inflight = None;
+        self.tx_inflight.clear();
         self.multiport = false;
         self.ctrl_out.clear();
         self.acked_features = 0;
@@ -851,7 +896,7 @@ mod tests {
         h.notify(TX);
         // The socket buffer is far smaller than 1 MiB: some chains wait.
         assert!(h.used(TX).len() < 4);
-        assert!(h.dev.lock().unwrap().tx_inflight.is_some());
+        assert!(!h.dev.lock().unwrap().tx_inflight.is_empty());
         let mut got = Vec::new();
         for _ in 0..1000 {
             got.extend(drain(&mut peer));
@@ -919,6 +964,26 @@ mod tests {
         h.pump();
         assert_eq!(h.used(TX), vec![(0, 0)]);
         assert_eq!(h.dev.lock().unwrap().watching, EventSet::empty());
+    }
+
+    #[test]
+    fn queued_writes_leave_together_in_order_around_bad_and_empty_ones() {
+        let (mut h, mut peer) = console();
+        h.mem.write_slice(b"one ", GuestAddress(DATA)).unwrap();
+        h.mem
+            .write_slice(b"two", GuestAddress(DATA + 0x100))
+            .unwrap();
+        h.add_chain(TX, &[(DATA, 4, 0)]);
+        h.add_chain(TX, &[(1 << 40, 8, 0)]);
+        h.add_chain(TX, &[(DATA + 0x200, 0, 0)]);
+        h.add_chain(TX, &[(DATA + 0x100, 3, 0)]);
+        h.notify(TX);
+        assert_eq!(drain(&mut peer), b"one two");
+        let mut used = h.used(TX);
+        used.sort_unstable();
+        assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
+        assert!(h.dev.lock().unwrap().tx_inflight.is_empty());
+        assert!(!h.needs_reset());
     }
 
     #[test]
