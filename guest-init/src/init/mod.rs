@@ -140,10 +140,12 @@ impl Init {
             return Err(StartError::new(125, "no command given"));
         }
         rootfs::build(&spec.rootfs, &mut self.mounted)?;
+        self.note("root file system mounted");
         volumes::mount_all(rootfs::NEW_ROOT, &spec.mounts)?;
         mounts::container(rootfs::NEW_ROOT, &spec.security)?;
         mounts::switch_root(rootfs::NEW_ROOT)?;
         self.switched = true;
+        self.note("volumes and container mounts in place, root switched");
         for n in mounts::etc_files(&spec.hostname) {
             self.note(n);
         }
@@ -152,6 +154,7 @@ impl Init {
         for n in net::setup(&spec.network, &spec.hostname)? {
             self.note(n);
         }
+        self.note("network set up");
         for n in security::prepare(&spec.security)? {
             self.note(n);
         }
