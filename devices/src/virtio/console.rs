@@ -364,6 +364,10 @@ impl Console {
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
+        if self.tx_closed {
+            // Nobody will read what a reset left.
+            self.tx_backlog.clear();
+        }
         if !self.tx_backlog.is_empty() {
             // What a reset left goes first (it wakes the loop when sent).
             return Ok(());
@@ -964,6 +968,23 @@ mod tests {
         h.pump();
         assert_eq!(h.used(TX), vec![(0, 0)]);
         assert_eq!(h.dev.lock().unwrap().watching, EventSet::empty());
+    }
+
+    #[test]
+    fn a_host_gone_while_a_reset_left_output_unsent_does_not_stall_the_guest() {
+        let (mut h, peer) = console();
+        h.add_chain(TX, &[(DATA, 0x10_0000, 0)]);
+        h.notify(TX);
+        // The socket is full: the reset keeps the rest, unsent.
+        h.reset();
+        assert!(!h.dev.lock().unwrap().tx_backlog.is_empty());
+        drop(peer);
+        h.activate_again(&[16, 16]);
+        h.pump();
+        h.add_chain(TX, &[(DATA, 8, 0)]);
+        h.notify(TX);
+        // Given back unsent, not left in the ring for good.
+        assert_eq!(h.used(TX), vec![(0, 0)]);
     }
 
     #[test]
