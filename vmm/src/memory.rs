@@ -92,9 +92,15 @@ const HUGE_PAGE: usize = 2 << 20;
 /// and a plain mmap is only page-aligned (with it, `hull run --rm busybox
 /// true` took 5.09 s instead of 4.08 in the emulated host, 7 of 7 runs
 /// slower). vm-memory maps only at addresses of its own choosing, so the
-/// mapping is made here (a larger one, trimmed to the aligned part) and
-/// handed over raw: it is never unmapped, which a VMM's guest RAM never
-/// is before its process ends anyway.
+/// mapping is made here and handed over raw: it is never unmapped, which a
+/// VMM's guest RAM never is before its process ends anyway.
+///
+/// The address range is reserved 2 MiB larger, inaccessible, and only its
+/// aligned part made read-write: the pieces around it stay reserved (no
+/// memory, no access). Unmapped, they left an aligned hole just below the
+/// guest's RAM, where the next thread stack (2 MiB and a guard page) went
+/// and, with transparent huge pages always on, took a whole huge page at
+/// its first touch: 2 MiB more of the VMM's own resident memory.
 fn huge_aligned_region(
     addr: GuestAddress,
     len: usize,
@@ -104,24 +110,18 @@ fn huge_aligned_region(
     let padded = len
         .checked_add(HUGE_PAGE)
         .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
-    // SAFETY: a new anonymous mapping at an address the kernel picks.
-    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, prot, flags, -1, 0) };
+    // SAFETY: a new anonymous reservation at an address the kernel picks.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, libc::PROT_NONE, flags, -1, 0) };
     if base == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    let base = base as usize;
-    let start = base.next_multiple_of(HUGE_PAGE);
-    let head = start - base;
-    let tail = HUGE_PAGE - head;
-    // SAFETY: both pieces lie inside the mapping just made and outside
-    // `[start, start + len)`; nothing else knows of them.
-    unsafe {
-        if head > 0 {
-            libc::munmap(base as *mut libc::c_void, head);
-        }
-        if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
-        }
+    // The kernel's address is page-aligned and `len` whole pages (MiB), so
+    // `[start, start + len)` lies within the reservation, page-aligned.
+    let start = (base as usize).next_multiple_of(HUGE_PAGE);
+    // SAFETY: that range is part of the reservation just made, which
+    // nothing else knows of.
+    if unsafe { libc::mprotect(start as *mut libc::c_void, len, prot) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `[start, start + len)` is an anonymous read-write mapping of
     // ours, page-aligned, used by nothing else, and never unmapped.
